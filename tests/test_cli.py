@@ -41,7 +41,10 @@ def test_divergence_is_one_clear_line_and_exit_2(capsys):
         (["train", "--lr", "-0.1"], "argument --lr: must be a positive number, got -0.1"),
         (["train", "--lr", "fast"], "argument --lr: must be a positive number, got fast"),
         (["train", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
-        (["train", "--batch-size", "x"], "argument --batch-size: must be a positive integer, got x"),
+        (
+            ["train", "--batch-size", "x"],
+            "argument --batch-size: must be a positive integer, got x",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_the_flag_named(argv, match, capsys):

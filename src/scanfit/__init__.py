@@ -2,10 +2,14 @@
 
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._linear import scan_training_step as scan_training_step
+from scanfit._loop import TrainResult as TrainResult
+from scanfit._loop import scan_train as scan_train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DivergenceError",
+    "TrainResult",
+    "scan_train",
     "scan_training_step",
 ]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scanfit._errors import check_numeric, check_scalar, describe
+from scanfit._checks import check_numeric, check_scalar, describe
 
 
 def _loss(w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:

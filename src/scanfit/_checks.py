@@ -1,0 +1,189 @@
+"""Checks of what a user passes, raised in Python before anything is traced.
+
+Each message names the argument, what it needs and what it got.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def describe(value: Any) -> str:
+    """A short description of ``value`` for an error message: shape and dtype, or its type."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"an array of shape {tuple(shape)} and dtype {dtype}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"{value!r} of type {type(value).__name__}"
+
+
+def check_numeric(name: str, value: Any) -> None:
+    """Raise TypeError unless ``value`` is a number or a numeric array (bool excluded)."""
+    try:
+        dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+    except (TypeError, ValueError):  # ragged lists, objects NumPy cannot convert
+        dtype = None
+    if dtype is None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(
+            f"{name} must be a real number or an array of real numbers, got {describe(value)}."
+        )
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is 0-d (a Python number, NumPy or JAX scalar)."""
+    check_numeric(name, value)
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar (shape ()), got {describe(value)}.")
+
+
+def _path(path) -> str:
+    return jax.tree_util.keystr(path) or "(root)"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_params(params: Any) -> Any:
+    """Params must be a non-empty pytree of floating arrays; Python numbers become arrays."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError(f"params must be a pytree with at least one array, got {params!r}.")
+    for path, leaf in leaves:
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else None
+        if isinstance(leaf, float):
+            continue
+        if dtype is None or not np.issubdtype(dtype, np.inexact):
+            raise TypeError(
+                f"params{_path(path)} must be a floating array (gradients need floats), "
+                f"got {describe(leaf)}. Cast it, e.g. jnp.asarray(x, jnp.float32)."
+            )
+    return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, float) else x, params)
+
+
+def check_optimizer(optimizer: Any) -> tuple[Any, Any]:
+    """Returns (transformation, None), or (None, lr) for a learning rate meaning plain SGD."""
+    if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
+        return optimizer, None
+    is_number = isinstance(optimizer, numbers.Real) and not isinstance(optimizer, bool)
+    is_scalar_array = (
+        hasattr(optimizer, "dtype")
+        and np.ndim(optimizer) == 0
+        and (np.issubdtype(np.dtype(optimizer.dtype), np.floating))
+    )
+    if not (is_number or is_scalar_array):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)) or a "
+            f"learning rate for plain SGD (a float), got {describe(optimizer)}."
+        )
+    if not isinstance(optimizer, jax.core.Tracer) and not (0 < float(optimizer) < np.inf):
+        raise ValueError(
+            f"optimizer as a learning rate must be a positive finite number, got {optimizer}."
+        )
+    return None, jax.numpy.asarray(optimizer)
+
+
+def check_data(data: Any) -> int:
+    """Data leaves must be arrays sharing a leading axis N; returns N."""
+    leaves = jax.tree_util.tree_leaves_with_path(data)
+    if not leaves:
+        raise ValueError(f"data must be a pytree with at least one array, got {data!r}.")
+    for path, leaf in leaves:
+        if not hasattr(leaf, "shape") or len(leaf.shape) < 1:
+            raise ValueError(
+                f"data{_path(path)} must be an array with a leading axis of microbatches "
+                f"(N, ...), got {describe(leaf)}."
+            )
+    sizes = {leaf.shape[0] for _, leaf in leaves}
+    if len(sizes) > 1:
+        listing = ", ".join(f"data{_path(p)}: {tuple(leaf.shape)}" for p, leaf in leaves)
+        raise ValueError(
+            f"data leaves must share the leading axis N (microbatches); got shapes {listing}."
+        )
+    return sizes.pop()
+
+
+def check_loop_settings(n: int, *, epochs: Any, accumulate: Any, unroll: Any) -> None:
+    if not _is_int(epochs) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}.")
+    if not _is_int(accumulate) or accumulate < 1:
+        raise ValueError(f"accumulate must be an integer >= 1, got {accumulate!r}.")
+    if n % accumulate:
+        raise ValueError(
+            f"accumulate={accumulate} must divide the number of microbatches N={n}; "
+            f"drop {n % accumulate} microbatches or pick a divisor of {n}."
+        )
+    if not (isinstance(unroll, bool) or (_is_int(unroll) and unroll >= 1)):
+        raise ValueError(f"unroll must be an integer >= 1 or a bool, got {unroll!r}.")
+
+
+def check_key(key: Any) -> Any:
+    """None, a typed key (``jax.random.key``) or a raw uint32[2] key (``jax.random.PRNGKey``)."""
+    if key is None:
+        return None
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(getattr(key, "shape", (None,)))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = (
+        dtype is not None and np.dtype(dtype) == np.uint32 and shape == (2,) if not typed else False
+    )
+    if not (typed or raw):
+        raise TypeError(
+            f"key must be a PRNG key, e.g. jax.random.key(0), or None, got {describe(key)}."
+        )
+    return key
+
+
+def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> None:
+    """Traces loss_fn abstractly on one microbatch to check it returns a scalar."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as loss_fn(params, batch), got {describe(loss_fn)}."
+        )
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
+    out = jax.eval_shape(loss_fn, params, batch)
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(
+                "with has_aux=True, loss_fn must return a pair (loss, aux), got "
+                f"{type(out).__name__}."
+            )
+        out = out[0]
+    elif isinstance(out, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(out).__name__}, not a scalar; if it returns "
+            "(loss, aux), pass has_aux=True."
+        )
+    if getattr(out, "shape", None) != ():
+        raise ValueError(
+            f"loss_fn must return a scalar loss (shape ()), got {describe(out)}; "
+            "reduce it over the batch, e.g. with jnp.mean."
+        )
+    if not np.issubdtype(np.dtype(out.dtype), np.floating):
+        raise TypeError(f"loss_fn must return a floating loss, got dtype {out.dtype}.")
+
+
+def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
+    """opt_state must have the structure, shapes and dtypes of optimizer.init(params)."""
+    want = jax.eval_shape(optimizer.init, params)
+    got_def, want_def = jax.tree.structure(opt_state), jax.tree.structure(want)
+    if got_def != want_def:
+        raise ValueError(
+            "opt_state does not match optimizer.init(params): expected structure "
+            f"{want_def}, got {got_def}. Pass the opt_state of a run with the same "
+            "optimizer and params, or None to start afresh."
+        )
+    for (path, got), w in zip(
+        jax.tree_util.tree_leaves_with_path(opt_state), jax.tree.leaves(want)
+    ):
+        if tuple(np.shape(got)) != w.shape:
+            raise ValueError(
+                f"opt_state{_path(path)} has shape {tuple(np.shape(got))}, but "
+                f"optimizer.init(params) gives {w.shape}."
+            )
