@@ -15,3 +15,21 @@ def x64():
     """Enable float64 for one test and restore the previous setting afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+_compilations = [0]
+
+
+def _count_compilation(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compilations[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+@pytest.fixture
+def compilations():
+    """A callable returning the number of XLA compilations since the test started."""
+    start = _compilations[0]
+    return lambda: _compilations[0] - start

@@ -1,6 +1,9 @@
 """scanfit: a whole JAX training loop as one XLA program, with jax.lax.scan."""
 
+from scanfit._errors import CheckpointMismatchError as CheckpointMismatchError
 from scanfit._errors import DivergenceError as DivergenceError
+from scanfit._fit import ChunkInfo as ChunkInfo
+from scanfit._fit import fit as fit
 from scanfit._linear import scan_training_step as scan_training_step
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
@@ -8,8 +11,11 @@ from scanfit._loop import scan_train as scan_train
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
+    "ChunkInfo",
     "DivergenceError",
     "TrainResult",
+    "fit",
     "scan_train",
     "scan_training_step",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 def describe(value: Any) -> str:
@@ -187,3 +188,22 @@ def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
                 f"opt_state{_path(path)} has shape {tuple(np.shape(got))}, but "
                 f"optimizer.init(params) gives {w.shape}."
             )
+
+
+def check_train_args(
+    loss_fn, params, optimizer, data, *, opt_state, epochs, key, accumulate, unroll, has_aux
+):
+    """The checks shared by scan_train, fit and sweep.
+
+    Returns ``(params, optimizer, lr, n, key)``: ``optimizer`` is the optax
+    transformation, or None with ``lr`` the learning rate of plain SGD.
+    """
+    params = check_params(params)
+    optimizer, lr = check_optimizer(optimizer)
+    n = check_data(data)
+    check_loop_settings(n, epochs=epochs, accumulate=accumulate, unroll=unroll)
+    key = check_key(key)
+    check_loss(loss_fn, params, data, has_aux=has_aux)
+    if opt_state is not None:
+        check_opt_state(opt_state, optimizer or optax.sgd(lr), params)
+    return params, optimizer, lr, n, key

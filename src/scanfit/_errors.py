@@ -19,3 +19,7 @@ class DivergenceError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.state = state
+
+
+class CheckpointMismatchError(ValueError):
+    """The newest checkpoint in ``checkpoint_dir`` belongs to another run (tree, shapes, data)."""

@@ -45,8 +45,8 @@ class TrainState(NamedTuple):
 
 
 def init_state(params: PyTree, opt_state: PyTree) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(params, opt_state, zero, zero, jnp.full((), -1, jnp.int32))
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the carry is donated)
+    return TrainState(params, opt_state, zero(), zero(), jnp.full((), -1, jnp.int32))
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -126,6 +126,15 @@ def group(data: PyTree, accumulate: int) -> PyTree:
     )
 
 
+def gathering(update, data: PyTree):
+    """A scan body that takes microbatch indices (accumulate,) and gathers them from data."""
+
+    def body(state, idx):
+        return update(state, jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data))
+
+    return body
+
+
 def run_epochs(
     update, state: TrainState, data: PyTree, *, key, epochs: int, accumulate: int, unroll: int
 ):
@@ -141,15 +150,40 @@ def run_epochs(
 
         def epoch(state, e):
             order = epoch_order(key, e, n).reshape(n // accumulate, accumulate)
-
-            def body(state, idx):
-                return update(state, jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data))
-
-            return lax.scan(body, state, order, unroll=unroll)
+            return lax.scan(gathering(update, data), state, order, unroll=unroll)
 
     state, (losses, aux) = lax.scan(epoch, state, jnp.arange(epochs, dtype=jnp.int32))
     flatten = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     return state, (flatten(losses), jax.tree.map(flatten, aux))
+
+
+def run_chunk(
+    loss_fn,
+    optimizer,
+    state: TrainState,
+    data: PyTree,
+    idx,
+    *,
+    accumulate: int,
+    has_aux: bool,
+    unroll: int,
+    skip_nonfinite: bool,
+):
+    """A run of updates, as ``fit`` compiles it per chunk.
+
+    With ``idx`` (int32, shape (C, accumulate)) update i gathers microbatches
+    ``idx[i]`` from ``data`` (leaves (N, ...)); with ``idx=None``, ``data``
+    already holds the chunk's microbatches, leaves (C, accumulate, ...).
+    Returns ``(state, losses, aux)``.
+    """
+    update = make_update(
+        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
+    )
+    if idx is None:
+        state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
+    else:
+        state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
+    return state, losses, aux
 
 
 @functools.partial(
@@ -265,14 +299,18 @@ def scan_train(
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
     """
-    params = _checks.check_params(params)
-    optimizer, lr = _checks.check_optimizer(optimizer)
-    n = _checks.check_data(data)
-    _checks.check_loop_settings(n, epochs=epochs, accumulate=accumulate, unroll=unroll)
-    key = _checks.check_key(key)
-    _checks.check_loss(loss_fn, params, data, has_aux=has_aux)
-    if opt_state is not None:
-        _checks.check_opt_state(opt_state, optimizer or optax.sgd(lr), params)
+    params, optimizer, lr, _, key = _checks.check_train_args(
+        loss_fn,
+        params,
+        optimizer,
+        data,
+        opt_state=opt_state,
+        epochs=epochs,
+        key=key,
+        accumulate=accumulate,
+        unroll=unroll,
+        has_aux=has_aux,
+    )
     return _scan_train_jit(
         loss_fn,
         params,

@@ -1,0 +1,463 @@
+"""The host driver: the scan_train loop run as compiled chunks, with the host work around it.
+
+Each chunk is one compiled call of ``chunk_steps`` updates (two shapes at most:
+full chunks and the remainder). Between chunks the host streams the next
+chunk's data, checks the finite flag carried in the graph, reports progress,
+calls ``on_chunk`` and writes checkpoints. Per-update work on the host is zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scanfit import _checkpoint, _checks, _progress
+from scanfit._errors import CheckpointMismatchError, DivergenceError
+from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
+
+NAN_POLICIES = ("raise", "skip", "ignore")
+_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite")
+_chunk = jax.jit(run_chunk, static_argnames=_STATIC)
+# Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
+# the chunk's start state is kept instead, to rebuild the last good state.
+_chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+class ChunkInfo(NamedTuple):
+    """What ``on_chunk`` receives after each chunk."""
+
+    step: int  # updates done so far, counted over the whole run
+    total: int  # updates in the whole run
+    epoch: int  # epoch of the last update done, from 0
+    elapsed: float  # seconds since this call of fit started
+    losses: np.ndarray  # shape=(updates in this chunk,), this chunk's losses
+    params: PyTree  # params after this chunk
+    skipped: int  # updates skipped as non-finite so far
+
+
+class _Source:
+    """Where each chunk's microbatches come from.
+
+    JAX arrays stay on the device and each update gathers its microbatches
+    in-graph by index. NumPy arrays (memmaps included) stay on the host: the
+    host gathers one chunk at a time and transfers it, so the device holds
+    about two chunks, never the whole dataset.
+    """
+
+    def __init__(self, data: PyTree, key, n: int, accumulate: int):
+        self.on_device = all(isinstance(a, jax.Array) for a in jax.tree.leaves(data))
+        self.data = data
+        self.key = key
+        self.n = n
+        self.k = accumulate
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray | None:
+        if self.key is None:
+            return None
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.asarray(epoch_order(self.key, epoch, self.n))
+        return self._orders[epoch]
+
+    def rows(self, start: int, count: int) -> tuple[np.ndarray | slice, ...]:
+        """Microbatch rows of updates [start, start + count), one piece per epoch touched."""
+        per_epoch = self.n // self.k
+        pieces = []
+        update, end = start, start + count
+        while update < end:
+            epoch, pos = divmod(update, per_epoch)
+            stop = min(end, (epoch + 1) * per_epoch)
+            lo, hi = pos * self.k, (pos + stop - update) * self.k
+            order = self._order(epoch)
+            pieces.append(slice(lo, hi) if order is None else order[lo:hi])
+            update = stop
+        return tuple(pieces)
+
+    def inputs(self, start: int, count: int):
+        """(data, idx) for run_chunk: device data with indices, or the chunk's own data."""
+        rows = self.rows(start, count)
+        if self.on_device:
+            idx = np.concatenate(
+                [np.arange(self.n)[r] if isinstance(r, slice) else r for r in rows]
+            )
+            return self.data, jnp.asarray(idx.reshape(count, self.k), jnp.int32)
+
+        def gather(a):
+            # Slices read a memmap sequentially; index arrays read it row by row.
+            block = np.concatenate([a[r] for r in rows]) if len(rows) > 1 else a[rows[0]]
+            return block.reshape(count, self.k, *a.shape[1:])
+
+        return jax.device_put(jax.tree.map(gather, self.data)), None
+
+
+def _data_digest(data: PyTree) -> str:
+    """A cheap content check: the bytes of the first and last microbatch of every leaf."""
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(data):
+        h.update(np.ascontiguousarray(np.asarray(leaf[:1])).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(leaf[-1:])).tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(params, opt_state, data, *, key, accumulate, has_aux) -> dict[str, Any]:
+    return {
+        "params": _checkpoint.spec(params),
+        "opt_state": _checkpoint.spec(opt_state),
+        "data": {**_checkpoint.spec(data), "content_sha1": _data_digest(data)},
+        "accumulate": accumulate,
+        "has_aux": has_aux,
+        "key": None if key is None else np.asarray(jax.random.key_data(key)).tolist(),
+    }
+
+
+def _check_fit_settings(
+    *,
+    chunk_steps,
+    checkpoint_dir,
+    checkpoint_every,
+    keep,
+    nan_policy,
+    on_chunk,
+    progress,
+    mesh,
+    devices,
+) -> None:
+    for name, value in (("chunk_steps", chunk_steps), ("checkpoint_every", checkpoint_every)):
+        if value is not None and (not _checks._is_int(value) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+    if not _checks._is_int(keep) or keep < 1:
+        raise ValueError(f"keep must be an integer >= 1 (checkpoints kept), got {keep!r}.")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+    if on_chunk is not None and not callable(on_chunk):
+        raise TypeError(f"on_chunk must be callable as on_chunk(info) or None, got {on_chunk!r}.")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (auto), got {progress!r}.")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path or None, got {checkpoint_dir!r}.")
+    if (
+        checkpoint_dir is not None
+        and Path(checkpoint_dir).exists()
+        and not Path(checkpoint_dir).is_dir()
+    ):
+        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} exists and is not a directory.")
+    if mesh is not None or devices is not None:
+        raise NotImplementedError("mesh= and devices= (data parallelism) are not available yet.")
+
+
+class _History:
+    """Per-update losses and aux gathered on the host, chunk by chunk."""
+
+    def __init__(self, losses: np.ndarray, aux: PyTree):
+        self.losses = [losses]
+        self.aux = [aux]
+
+    def add(self, losses: np.ndarray, aux: PyTree) -> None:
+        self.losses.append(np.asarray(losses))
+        self.aux.append(jax.tree.map(np.asarray, aux))
+
+    def result(self, state: TrainState) -> TrainResult:
+        losses = np.concatenate(self.losses)
+        aux = jax.tree.map(lambda *a: np.concatenate(a), *self.aux)
+        return TrainResult(
+            state.params,
+            state.opt_state,
+            jax.device_put(losses),  # a transfer; jnp.asarray would compile per shape
+            jax.device_put(aux),
+            state.skipped,
+            state.first_nonfinite,
+        )
+
+
+def fit(
+    loss_fn: Callable,
+    params: PyTree,
+    optimizer: optax.GradientTransformation | float,
+    data: PyTree,
+    *,
+    opt_state: PyTree = None,
+    epochs: int = 1,
+    key: jax.Array | None = None,
+    accumulate: int = 1,
+    has_aux: bool = False,
+    unroll: int = 1,
+    skip_nonfinite: bool = False,
+    chunk_steps: int | None = None,
+    progress: bool | None = None,
+    on_chunk: Callable[[ChunkInfo], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = True,
+    nan_policy: str = "raise",
+    mesh: Any = None,
+    devices: Any = None,
+) -> TrainResult:
+    """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
+
+    The result is bitwise equal (on CPU) to ``scan_train`` with the same
+    arguments, whatever ``chunk_steps`` is.
+
+    Args:
+      loss_fn, params, optimizer, data, opt_state, epochs, key, accumulate,
+        has_aux, unroll, skip_nonfinite: as for ``scan_train``. ``data``
+        leaves may be JAX arrays (kept on the device) or NumPy arrays,
+        ``np.load(..., mmap_mode="r")`` memmaps included (streamed to the
+        device one chunk at a time, the next chunk's transfer overlapping the
+        current chunk's compute).
+      chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
+        if given, else the whole run in one call.
+      progress: a progress bar (rich, on stderr) updated after each chunk;
+        ``None``: on when stderr is a terminal.
+      on_chunk: called as ``on_chunk(info: ChunkInfo)`` after each chunk;
+        returning ``False`` stops training cleanly (with a final checkpoint).
+      checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
+        chunk boundaries and at the end.
+      checkpoint_every: save when at least this many updates have passed
+        since the last save; ``None``: after every chunk.
+      keep: how many of the newest checkpoints to keep.
+      resume: continue from the newest valid checkpoint in ``checkpoint_dir``.
+        A checkpoint of another run (other tree, shapes or data) is an error.
+      nan_policy: ``"raise"``: after a chunk with a non-finite loss, gradient
+        or params, raise ``DivergenceError`` with the exact first bad update
+        and the last good state (also checkpointed); ``"skip"``: skip such
+        updates (``skip_nonfinite=True`` means the same); ``"ignore"``: go on.
+      mesh, devices: data parallelism (not available yet).
+
+    Returns:
+      A ``TrainResult``, ``losses`` covering every update of the run, resumed
+      ones included.
+
+    Raises:
+      DivergenceError: ``nan_policy="raise"`` and training diverged.
+      scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
+        belongs to another run.
+      ValueError, TypeError: bad arguments, as for ``scan_train``.
+      KeyboardInterrupt: re-raised after saving the last completed chunk.
+    """
+    params, optimizer, lr, n, key = _checks.check_train_args(
+        loss_fn,
+        params,
+        optimizer,
+        data,
+        opt_state=opt_state,
+        epochs=epochs,
+        key=key,
+        accumulate=accumulate,
+        unroll=unroll,
+        has_aux=has_aux,
+    )
+    _check_fit_settings(
+        chunk_steps=chunk_steps,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        nan_policy=nan_policy,
+        on_chunk=on_chunk,
+        progress=progress,
+        mesh=mesh,
+        devices=devices,
+    )
+    optimizer = optimizer if optimizer is not None else optax.sgd(lr)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    policy = "skip" if skip_nonfinite else nan_policy
+    per_epoch = n // accumulate
+    total = epochs * per_epoch
+    chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
+    source = _Source(data, key, n, accumulate)
+
+    loss_spec, aux_spec = _loss_spec(loss_fn, params, data, has_aux)
+    empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
+    # A private copy on the device: donating the carry must never delete the caller's arrays.
+    state = jax.tree.map(lambda a: jnp.array(a, copy=True), init_state(params, opt_state))
+    history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    fingerprint = _fingerprint(
+        params, opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
+    )
+    if ckpt_dir is not None and ckpt_dir.is_dir():
+        _checkpoint.clean_temporaries(ckpt_dir)
+        if resume:
+            restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs)
+            if restored is not None:
+                state, history = restored
+
+    def save(state: TrainState) -> None:
+        if ckpt_dir is None:
+            return
+        step = int(state.step)
+        result = history.result(state)
+        _checkpoint.save(
+            ckpt_dir,
+            step,
+            {
+                "params": state.params,
+                "opt_state": state.opt_state,
+                "counters": {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
+                "losses": result.losses,
+                "aux": result.aux,
+            },
+            {
+                "fingerprint": fingerprint,
+                "epoch": step // per_epoch if per_epoch else 0,
+                "scanfit_version": _version(),
+            },
+            keep,
+        )
+
+    run = functools.partial(
+        _chunk if policy == "raise" else _chunk_donating,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        accumulate=accumulate,
+        has_aux=has_aux,
+        unroll=unroll,
+        skip_nonfinite=policy == "skip",
+    )
+    t0 = time.perf_counter()
+    step = int(state.step)
+    last_saved = step
+    pending = None  # (start_state, outputs) of the chunk in flight
+    with _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar:
+        try:
+            inputs = source.inputs(step, min(chunk, total - step)) if step < total else None
+            while step < total:
+                count = min(chunk, total - step)
+                start_state, chunk_inputs = state, inputs
+                pending = (start_state, run(state=state, data=chunk_inputs[0], idx=chunk_inputs[1]))
+                nxt = step + count
+                # Start the next chunk's transfer before waiting on this one.
+                inputs = source.inputs(nxt, min(chunk, total - nxt)) if nxt < total else None
+                new_state, losses, aux = pending[1]
+                losses = np.asarray(losses)  # waits for the chunk
+                pending = None
+                bad = int(new_state.first_nonfinite)
+                if policy == "raise" and bad >= 0:
+                    raise _divergence(
+                        run, start_state, chunk_inputs, step, bad, history, save, losses, ckpt_dir
+                    )
+                state, step = new_state, nxt
+                history.add(losses, aux)
+                skipped = int(state.skipped)
+                bar.update(step, float(np.mean(losses)), skipped)
+                stop = False
+                if on_chunk is not None:
+                    info = ChunkInfo(
+                        step,
+                        total,
+                        (step - 1) // per_epoch,
+                        time.perf_counter() - t0,
+                        losses,
+                        state.params,
+                        skipped,
+                    )
+                    stop = on_chunk(info) is False
+                if ckpt_dir is not None and (
+                    stop
+                    or step == total
+                    or checkpoint_every is None
+                    or step - last_saved >= checkpoint_every
+                ):
+                    save(state)
+                    last_saved = step
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            if pending is not None:  # the chunk in flight: keep it if it completes cleanly
+                start_state, (new_state, losses, aux) = pending
+                if policy == "raise" and int(new_state.first_nonfinite) >= 0:
+                    new_state = None
+                if new_state is not None:
+                    state = new_state
+                    history.add(np.asarray(losses), aux)
+            if int(state.step) > last_saved:
+                save(state)
+            raise
+    return history.result(state)
+
+
+def _loss_spec(loss_fn, params, data, has_aux):
+    """Shapes and dtypes of (loss, aux) for one microbatch; aux is None without has_aux."""
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
+    out = jax.eval_shape(loss_fn, params, batch)
+    return out if has_aux else (out, None)
+
+
+def _version() -> str:
+    from scanfit import __version__
+
+    return __version__
+
+
+def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs):
+    found = _checkpoint.newest_valid(ckpt_dir)
+    if found is None:
+        return None
+    meta, arrays = found
+    diffs = _checkpoint.differences(meta["fingerprint"], fingerprint)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the newest checkpoint in {str(ckpt_dir)!r} (step {meta['step']}) belongs to another "
+            "run: " + "; ".join(diffs) + ". Use another checkpoint_dir, or resume=False to "
+            "start afresh (its checkpoints are then replaced as the new run saves)."
+        )
+    step = meta["step"]
+    if step > total:
+        raise CheckpointMismatchError(
+            f"the newest checkpoint in {str(ckpt_dir)!r} is at update {step}, past the "
+            f"{total} updates of this run (epochs={epochs})."
+        )
+    as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
+        jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
+    )
+    counters = _checkpoint.unflatten(
+        "counters", {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite}, arrays
+    )
+    restored = TrainState(
+        as_device(state.params, "params"),
+        as_device(state.opt_state, "opt_state"),
+        jnp.asarray(step, jnp.int32),
+        jnp.asarray(counters["skipped"]),
+        jnp.asarray(counters["first_nonfinite"]),
+    )
+    aux = (
+        _checkpoint.unflatten("aux", empty_aux, arrays) if jax.tree.leaves(empty_aux) else empty_aux
+    )
+    return restored, _History(arrays["losses"], aux)
+
+
+def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckpt_dir):
+    """Re-runs the chunk from its start up to the bad update to recover the last good state."""
+    good_count = bad - start
+    if good_count > 0:
+        data, idx = inputs
+        if idx is None:
+            data = jax.tree.map(lambda a: a[:good_count], data)
+        else:
+            idx = idx[:good_count]
+        good_state, good_losses, good_aux = run(state=start_state, data=data, idx=idx)
+        history.add(np.asarray(good_losses), good_aux)
+    else:
+        good_state = start_state
+    save(good_state)
+    where = f" and saved in {str(ckpt_dir)!r}" if ckpt_dir is not None else ""
+    return DivergenceError(
+        f"training diverged at update {bad}: its loss was {float(losses[bad - start])} "
+        f"(non-finite loss, gradient or params). The last good state, before update {bad}, is "
+        f"attached as .state{where}. Lower the learning rate, clip gradients "
+        "(optax.clip_by_global_norm), or pass nan_policy='skip' to skip such updates.",
+        step=bad,
+        state=history.result(good_state),
+    )

@@ -1,0 +1,84 @@
+"""A training run for the fault tests, started as a subprocess and killed with SIGKILL.
+
+Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N]
+
+With --kill-in-save N the process SIGKILLs itself halfway through writing its
+N-th checkpoint (after part of the temporary file is on disk), a crash at the
+worst moment. Without it, it trains to the end, slowly enough to be killed
+from outside, and writes its final params and losses to OUT.npz.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import scanfit
+
+N, B, D = 60, 8, 4
+
+
+def problem():
+    rng = np.random.default_rng(1234)
+    x = rng.normal(size=(N, B, D)).astype(np.float32)
+    y = (x @ rng.normal(size=(D,)) + 0.1 * rng.normal(size=(N, B))).astype(np.float32)
+    params = {"w": np.zeros(D, np.float32), "b": np.zeros((), np.float32)}
+
+    def loss(p, batch):
+        xb, yb = batch
+        return jnp.mean((xb @ p["w"] + p["b"] - yb) ** 2)
+
+    return loss, params, (x, y)
+
+
+def train(checkpoint_dir, on_chunk=None):
+    loss, params, data = problem()
+    return scanfit.fit(
+        loss,
+        params,
+        optax.adam(0.05),
+        data,
+        epochs=4,
+        key=jax.random.key(7),
+        chunk_steps=7,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=7,
+        keep=2,
+        progress=False,
+        on_chunk=on_chunk,
+    )
+
+
+def main() -> None:
+    ckpt, out = sys.argv[1], sys.argv[2]
+    if "--kill-in-save" in sys.argv:
+        nth = int(sys.argv[sys.argv.index("--kill-in-save") + 1])
+        calls = {"n": 0}
+        real_savez = np.savez
+
+        def dying_savez(f, **arrays):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                f.write(b"PK\x03\x04 half a zip file")
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_savez(f, **arrays)
+
+        np.savez = dying_savez
+    res = train(ckpt, on_chunk=lambda info: time.sleep(0.05))
+    np.savez(
+        out,
+        losses=np.asarray(res.losses),
+        w=np.asarray(res.params["w"]),
+        b=np.asarray(res.params["b"]),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""fit: chunked against unchunked, streamed against in-memory, killed against uninterrupted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import scanfit
+from scanfit import _checkpoint
+from scanfit._fit import _chunk_donating
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _fault_worker  # noqa: E402
+from test_loop import init_params, make_data, mlp_loss  # noqa: E402
+
+
+def assert_same(a, b):
+    """Bitwise equality of two results (params, opt_state, losses)."""
+    np.testing.assert_array_equal(a.losses, b.losses)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    params = init_params(rng, np.float32)
+    data = make_data(rng, 20, dtype=np.float32)
+    return params, data
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunked_equals_scan_train_bitwise(problem, on_device, shuffle):
+    params, data = problem
+    key = jax.random.key(1) if shuffle else None
+    opt = optax.adamw(optax.cosine_decay_schedule(0.01, 60), weight_decay=0.01)
+    ref = scanfit.scan_train(
+        mlp_loss, params, opt, jax.tree.map(jnp.asarray, data), epochs=3, key=key, accumulate=2
+    )
+    if on_device:
+        data = jax.tree.map(jnp.asarray, data)
+    for chunk in (None, 1, 7, 10, 30):  # 30 updates: dividing, not dividing, whole run
+        res = scanfit.fit(
+            mlp_loss,
+            params,
+            opt,
+            data,
+            epochs=3,
+            key=key,
+            accumulate=2,
+            chunk_steps=chunk,
+            progress=False,
+        )
+        assert_same(res, ref)
+
+
+def test_memmap_streaming_equals_in_memory(problem, tmp_path):
+    params, (x, y) = problem
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    mm = (np.load(tmp_path / "x.npy", mmap_mode="r"), np.load(tmp_path / "y.npy", mmap_mode="r"))
+    key = jax.random.key(3)
+    streamed = scanfit.fit(
+        mlp_loss, params, optax.adam(0.01), mm, epochs=2, key=key, chunk_steps=6, progress=False
+    )
+    in_memory = scanfit.scan_train(mlp_loss, params, optax.adam(0.01), (x, y), epochs=2, key=key)
+    assert_same(streamed, in_memory)
+
+
+def test_host_chunks_hold_only_one_chunk_of_data(problem, monkeypatch):
+    params, data = problem
+    shapes = []
+    real = jax.device_put
+    monkeypatch.setattr(
+        jax,
+        "device_put",
+        lambda x, *a, **k: (
+            shapes.append([leaf.shape for leaf in jax.tree.leaves(x)]) or real(x, *a, **k)
+        ),
+    )
+    scanfit.fit(mlp_loss, params, 0.01, data, chunk_steps=8, progress=False)
+    shapes = [s for s in shapes if s and len(s[0]) > 1]  # data chunks, not the loss history
+    assert shapes == [[(8, 1, 5, 3), (8, 1, 5, 2)]] * 2 + [[(4, 1, 5, 3), (4, 1, 5, 2)]]
+
+
+def test_at_most_two_compilations_per_run(problem, compilations):
+    params, data = problem
+    opt = optax.sgd(0.01)
+    scanfit.fit(mlp_loss, params, opt, data, chunk_steps=3, progress=False)  # warm small ops
+    loss = lambda p, b: mlp_loss(p, b)  # noqa: E731  (a new function: a fresh cache entry)
+    before = compilations()
+    scanfit.fit(loss, params, opt, data, epochs=5, chunk_steps=7, progress=False)
+    assert compilations() - before == 2  # 100 updates: chunks of 7 and one of 2
+
+
+def test_donation_is_used_outside_raise_mode(problem):
+    params, data = problem
+    before = _chunk_donating._cache_size()
+    res = scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=5, nan_policy="ignore", progress=False
+    )
+    assert _chunk_donating._cache_size() == before + 1
+    assert_same(res, scanfit.scan_train(mlp_loss, params, 0.01, data))
+
+
+def test_on_chunk_sees_every_chunk_and_can_stop_early(problem, tmp_path):
+    params, data = problem
+    seen = []
+
+    def on_chunk(info):
+        seen.append((info.step, info.epoch, info.losses.shape, info.total))
+        assert np.isfinite(info.elapsed) and info.params["scale"].shape == ()
+        return info.step < 24
+
+    res = scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        epochs=3,
+        chunk_steps=8,
+        on_chunk=on_chunk,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert seen == [(8, 0, (8,), 60), (16, 0, (8,), 60), (24, 1, (8,), 60)]
+    assert res.losses.shape == (24,)
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path)][-1] == 24
+    full = scanfit.scan_train(mlp_loss, params, 0.01, data, epochs=3)
+    resumed = scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        epochs=3,
+        chunk_steps=8,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert_same(resumed, full)
+
+
+def test_resume_after_the_end_returns_the_saved_result_without_training(problem, tmp_path):
+    params, data = problem
+    first = scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=6, checkpoint_dir=tmp_path, progress=False
+    )
+    calls = []
+    again = scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        chunk_steps=6,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        on_chunk=calls.append,
+    )
+    assert calls == []
+    assert_same(again, first)
+
+
+def test_resume_continues_into_more_epochs(problem, tmp_path):
+    params, data = problem
+    key = jax.random.key(5)
+    scanfit.fit(
+        mlp_loss, params, 0.01, data, epochs=1, key=key, checkpoint_dir=tmp_path, progress=False
+    )
+    longer = scanfit.fit(
+        mlp_loss, params, 0.01, data, epochs=3, key=key, checkpoint_dir=tmp_path, progress=False
+    )
+    assert_same(longer, scanfit.scan_train(mlp_loss, params, 0.01, data, epochs=3, key=key))
+
+
+def test_checkpoints_keep_the_newest(problem, tmp_path):
+    params, data = problem
+    scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        epochs=2,
+        chunk_steps=5,
+        checkpoint_every=10,
+        keep=2,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path)] == [30, 40]
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_checkpoint_holds_state_history_and_metadata(problem, tmp_path):
+    params, data = problem
+    res = scanfit.fit(
+        mlp_loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, progress=False
+    )
+    meta, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, 20))
+    assert meta["step"] == 20 and meta["scanfit_version"] == scanfit.__version__
+    assert meta["fingerprint"]["data"]["leaves"]["[0]"] == [[20, 5, 3], "float32"]
+    np.testing.assert_array_equal(arrays["losses"], res.losses)
+    np.testing.assert_array_equal(arrays["params['layers'][0][0]"], res.params["layers"][0][0])
+    with np.load(_checkpoint.path_for(tmp_path, 20), allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+
+
+def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
+    params, data = problem
+    scanfit.fit(mlp_loss, params, 0.01, data, checkpoint_dir=tmp_path, progress=False)
+    wider = dict(params, scale=np.ones(2, np.float32))
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"belongs to another run: params.leaves.\['scale'\]: checkpoint has "
+        r"\[\[\], 'float32'\], this run has \[\[2\], 'float32'\]",
+    ):
+        scanfit.fit(mlp_loss, wider, 0.01, data, checkpoint_dir=tmp_path, progress=False)
+    other = (data[0] + 1, data[1])
+    with pytest.raises(scanfit.CheckpointMismatchError, match=r"data.content_sha1: checkpoint"):
+        scanfit.fit(mlp_loss, params, 0.01, other, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"accumulate: checkpoint has 1, "
+        r"this run has 2",
+    ):
+        scanfit.fit(
+            mlp_loss, params, 0.01, data, accumulate=2, checkpoint_dir=tmp_path, progress=False
+        )
+    with pytest.raises(scanfit.CheckpointMismatchError, match=r"key: checkpoint has None"):
+        scanfit.fit(
+            mlp_loss,
+            params,
+            0.01,
+            data,
+            key=jax.random.key(0),
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+
+
+def test_checkpoint_past_the_run_is_an_error(problem, tmp_path):
+    params, data = problem
+    scanfit.fit(mlp_loss, params, 0.01, data, epochs=2, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"is at update 40, past the 20 updates of this run \(epochs=1\)",
+    ):
+        scanfit.fit(mlp_loss, params, 0.01, data, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_resume_false_starts_afresh(problem, tmp_path):
+    params, data = problem
+    scanfit.fit(mlp_loss, params, 0.5, data, checkpoint_dir=tmp_path, progress=False)
+    res = scanfit.fit(
+        mlp_loss, params, 0.01, data, checkpoint_dir=tmp_path, resume=False, progress=False
+    )
+    assert_same(res, scanfit.scan_train(mlp_loss, params, 0.01, data))
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(problem, tmp_path):
+    params, data = problem
+    full = scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        epochs=2,
+        chunk_steps=10,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    newest = _checkpoint.path_for(tmp_path, 40)
+    newest.write_bytes(newest.read_bytes()[:100])
+    (tmp_path / ".tmp-ckpt-leftover.npz").write_bytes(b"junk")
+    with pytest.warns(
+        UserWarning, match=r"skipping checkpoint .*ckpt-0000000040.npz is unreadable"
+    ):
+        res = scanfit.fit(
+            mlp_loss,
+            params,
+            0.01,
+            data,
+            epochs=2,
+            chunk_steps=10,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    assert_same(res, full)
+    assert not (tmp_path / ".tmp-ckpt-leftover.npz").exists()
+
+
+def _run_worker(ckpt, out, *extra, kill_after_checkpoints=None):
+    proc = subprocess.Popen(
+        [sys.executable, _fault_worker.__file__, str(ckpt), str(out), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if kill_after_checkpoints is not None:
+        deadline = time.monotonic() + 120
+        while len(_checkpoint.list_checkpoints(Path(ckpt))) < 1 or (
+            max(s for s, _ in _checkpoint.list_checkpoints(Path(ckpt))) < kill_after_checkpoints
+        ):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the worker saved no checkpoint in time"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    proc.stderr_text = proc.communicate(timeout=300)[1]  # also closes the pipe
+    return proc
+
+
+def _uninterrupted(tmp_path):
+    return _fault_worker.train(tmp_path / "reference")
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
+    proc = _run_worker(ckpt, out, kill_after_checkpoints=14)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    killed_at = max(s for s, _ in _checkpoint.list_checkpoints(ckpt))
+    assert 14 <= killed_at < 240
+    proc = _run_worker(ckpt, out)
+    assert proc.returncode == 0, proc.stderr_text
+    want = _uninterrupted(tmp_path)
+    with np.load(out) as got:
+        np.testing.assert_array_equal(got["losses"], want.losses)
+        np.testing.assert_array_equal(got["w"], want.params["w"])
+        np.testing.assert_array_equal(got["b"], want.params["b"])
+
+
+def test_sigkill_during_a_save_then_resume_equals_uninterrupted(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
+    proc = _run_worker(ckpt, out, "--kill-in-save", "3")
+    assert proc.returncode == -signal.SIGKILL
+    assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [7, 14]  # the 3rd never landed
+    assert list(ckpt.glob(".tmp-ckpt-*"))  # the half-written file is there
+    proc = _run_worker(ckpt, out)
+    assert proc.returncode == 0, proc.stderr_text
+    assert not list(ckpt.glob(".tmp-ckpt-*"))
+    want = _uninterrupted(tmp_path)
+    with np.load(out) as got:
+        np.testing.assert_array_equal(got["losses"], want.losses)
+        np.testing.assert_array_equal(got["w"], want.params["w"])
+
+
+def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
+    params, data = problem
+
+    def interrupt(info):
+        if info.step == 12:
+            raise KeyboardInterrupt
+
+    for policy in ("raise", "ignore"):  # without and with a donated carry
+        ckpt = tmp_path / policy
+        with pytest.raises(KeyboardInterrupt):
+            scanfit.fit(
+                mlp_loss,
+                params,
+                0.01,
+                data,
+                epochs=2,
+                chunk_steps=4,
+                nan_policy=policy,
+                checkpoint_dir=ckpt,
+                checkpoint_every=100,
+                on_chunk=interrupt,
+                progress=False,
+            )
+        assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [12]
+        res = scanfit.fit(
+            mlp_loss,
+            params,
+            0.01,
+            data,
+            epochs=2,
+            chunk_steps=4,
+            nan_policy=policy,
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
+        assert_same(res, scanfit.scan_train(mlp_loss, params, 0.01, data, epochs=2))
+
+
+def poisoned(data, bad):
+    x, y = (np.array(a) for a in data)
+    for i in bad:
+        y[i, 0, 0] = np.nan
+    return x, y
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 5])
+def test_divergence_reports_the_exact_step_and_the_last_good_state(problem, tmp_path, chunk):
+    params, data = problem
+    data = poisoned(data, [13, 17])
+    with pytest.raises(
+        scanfit.DivergenceError,
+        match=r"training diverged at update 13: its loss "
+        r"was nan .*saved in",
+    ) as exc:
+        scanfit.fit(
+            mlp_loss,
+            params,
+            optax.adam(0.01),
+            data,
+            chunk_steps=chunk,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    assert exc.value.step == 13
+    good = scanfit.scan_train(
+        mlp_loss, params, optax.adam(0.01), jax.tree.map(lambda a: a[:13], data)
+    )
+    assert_same(exc.value.state, good)
+    meta, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, 13))
+    np.testing.assert_array_equal(arrays["losses"], good.losses)
+
+
+def test_divergence_at_the_first_update_of_a_chunk(problem):
+    params, data = problem
+    with pytest.raises(scanfit.DivergenceError) as exc:
+        scanfit.fit(mlp_loss, params, 0.01, poisoned(data, [8]), chunk_steps=4, progress=False)
+    assert exc.value.step == 8 and exc.value.state.losses.shape == (8,)
+
+
+def test_skip_and_ignore_policies(problem):
+    params, data = problem
+    data = poisoned(data, [3, 11])
+    skipped = scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=6, nan_policy="skip", progress=False
+    )
+    assert_same(skipped, scanfit.scan_train(mlp_loss, params, 0.01, data, skip_nonfinite=True))
+    assert int(skipped.skipped) == 2 and int(skipped.first_nonfinite) == 3
+    same = scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=6, skip_nonfinite=True, progress=False
+    )
+    assert_same(same, skipped)
+    ignored = scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=6, nan_policy="ignore", progress=False
+    )
+    assert int(ignored.first_nonfinite) == 3 and not np.isfinite(ignored.params["scale"])
+
+
+def test_has_aux_history_survives_chunks_and_resume(problem, tmp_path):
+    params, data = problem
+
+    def loss_aux(p, b):
+        loss = mlp_loss(p, b)
+        return loss, {"sq": loss**2}
+
+    ref = scanfit.scan_train(loss_aux, params, 0.01, data, has_aux=True, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        scanfit.fit(
+            loss_aux,
+            params,
+            0.01,
+            data,
+            has_aux=True,
+            epochs=2,
+            chunk_steps=6,
+            checkpoint_dir=tmp_path,
+            progress=False,
+            on_chunk=lambda i: (_ for _ in ()).throw(KeyboardInterrupt) if i.step == 18 else None,
+        )
+    res = scanfit.fit(
+        loss_aux,
+        params,
+        0.01,
+        data,
+        has_aux=True,
+        epochs=2,
+        chunk_steps=6,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    np.testing.assert_array_equal(res.aux["sq"], ref.aux["sq"])
+    assert_same(res, ref)
+
+
+def test_progress_bar_reports_at_chunk_boundaries(problem, capsys):
+    params, data = problem
+    scanfit.fit(mlp_loss, params, 0.01, data, chunk_steps=5, progress=True)
+    err = capsys.readouterr().err
+    assert "20/20" in err and "updates/s" in err and "loss" in err
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal(problem, capsys):
+    params, data = problem
+    scanfit.fit(mlp_loss, params, 0.01, data, chunk_steps=5)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(chunk_steps=0), ValueError, r"chunk_steps must be an integer >= 1 or None, got 0"),
+        (
+            dict(checkpoint_every=2.5),
+            ValueError,
+            r"checkpoint_every must be an integer >= 1 or None, got 2.5",
+        ),
+        (dict(keep=0), ValueError, r"keep must be an integer >= 1 \(checkpoints kept\), got 0"),
+        (
+            dict(nan_policy="warn"),
+            ValueError,
+            r"nan_policy must be one of \('raise', 'skip', 'ignore'\), got 'warn'",
+        ),
+        (dict(on_chunk=3), TypeError, r"on_chunk must be callable as on_chunk\(info\) or None"),
+        (
+            dict(progress="yes"),
+            TypeError,
+            r"progress must be True, False or None \(auto\), got 'yes'",
+        ),
+        (dict(checkpoint_dir=3), TypeError, r"checkpoint_dir must be a path or None, got 3"),
+        (dict(epochs=0), ValueError, r"epochs must be an integer >= 1, got 0"),
+        (dict(accumulate=3), ValueError, r"accumulate=3 must divide the number of microbatches"),
+    ],
+)
+def test_bad_fit_settings_are_clear_errors(problem, kwargs, error, match):
+    params, data = problem
+    with pytest.raises(error, match=match):
+        scanfit.fit(mlp_loss, params, 0.01, data, **kwargs)
+
+
+def test_checkpoint_dir_that_is_a_file_is_an_error(problem, tmp_path):
+    params, data = problem
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint_dir '.*f' exists and is not a directory"):
+        scanfit.fit(mlp_loss, params, 0.01, data, checkpoint_dir=tmp_path / "f")
+
+
+def test_user_files_in_checkpoint_dir_are_left_alone(problem, tmp_path):
+    params, data = problem
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "ckpt-7.npz").write_text("not ours: the name has no 10-digit step")
+    scanfit.fit(
+        mlp_loss, params, 0.01, data, chunk_steps=5, keep=1, checkpoint_dir=tmp_path, progress=False
+    )
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "ckpt-7.npz").exists()
+    assert os.listdir(tmp_path).count("ckpt-0000000020.npz") == 1
