@@ -7,6 +7,9 @@ from scanfit._fit import fit as fit
 from scanfit._linear import scan_training_step as scan_training_step
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
+from scanfit._sweep import grid as grid
+from scanfit._sweep import rank as rank
+from scanfit._sweep import sweep as sweep
 
 __version__ = "0.1.0"
 
@@ -16,6 +19,9 @@ __all__ = [
     "DivergenceError",
     "TrainResult",
     "fit",
+    "grid",
+    "rank",
     "scan_train",
     "scan_training_step",
+    "sweep",
 ]

@@ -186,23 +186,10 @@ def run_chunk(
     return state, losses, aux
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "loss_fn",
-        "optimizer",
-        "epochs",
-        "accumulate",
-        "has_aux",
-        "unroll",
-        "skip_nonfinite",
-    ),
-)
-def _scan_train_jit(
+def train(
     loss_fn,
     params,
     optimizer,
-    lr,
     data,
     opt_state,
     key,
@@ -212,9 +199,8 @@ def _scan_train_jit(
     has_aux,
     unroll,
     skip_nonfinite,
-):
-    if optimizer is None:  # a float learning rate: plain SGD, lr traced so a new value
-        optimizer = optax.sgd(lr)  # does not compile again
+) -> TrainResult:
+    """The whole run, unjitted: scan_train compiles it, sweep vmaps it."""
     if opt_state is None:
         opt_state = optimizer.init(params)
     update = make_update(
@@ -237,6 +223,24 @@ def _scan_train_jit(
         state.skipped,
         state.first_nonfinite,
     )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "loss_fn",
+        "optimizer",
+        "epochs",
+        "accumulate",
+        "has_aux",
+        "unroll",
+        "skip_nonfinite",
+    ),
+)
+def _scan_train_jit(loss_fn, params, optimizer, lr, data, opt_state, key, **settings):
+    if optimizer is None:  # a float learning rate: plain SGD, lr traced so a new value
+        optimizer = optax.sgd(lr)  # does not compile again
+    return train(loss_fn, params, optimizer, data, opt_state, key, **settings)
 
 
 def scan_train(

@@ -1,0 +1,252 @@
+"""K training configurations in one compiled program: jax.vmap over hyper-parameters."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from scanfit import _checks
+from scanfit._checks import describe
+from scanfit._loop import PyTree, TrainResult, train
+
+
+def grid(**axes: Any) -> dict[str, np.ndarray]:
+    """The Cartesian product of hyper-parameter values, flattened to K configs.
+
+    Example:
+      >>> g = grid(learning_rate=[0.1, 0.01], b1=[0.9, 0.95, 0.99])
+      >>> g["learning_rate"].tolist()
+      [0.1, 0.1, 0.1, 0.01, 0.01, 0.01]
+      >>> g["b1"].tolist()
+      [0.9, 0.95, 0.99, 0.9, 0.95, 0.99]
+    """
+    if not axes:
+        raise ValueError("grid needs at least one hyper-parameter, e.g. grid(learning_rate=[...]).")
+    names = list(axes)
+    values = [np.atleast_1d(np.asarray(axes[n])) for n in names]
+    for name, v in zip(names, values):
+        if v.ndim != 1 or v.size == 0:
+            raise ValueError(f"grid axis {name} must be a non-empty 1-D list, got shape {v.shape}.")
+    combos = list(itertools.product(*(range(len(v)) for v in values)))
+    return {n: v[[c[i] for c in combos]] for i, (n, v) in enumerate(zip(names, values))}
+
+
+def _check_hparams(hparams: Any, seeds: Any) -> int:
+    if not isinstance(hparams, Mapping) or not hparams:
+        raise TypeError(
+            "hparams must be a non-empty dict of name -> values, one per config, e.g. "
+            f"{{'learning_rate': [1e-3, 1e-2]}}, got {describe(hparams)}."
+        )
+    sizes = {}
+    for name, values in hparams.items():
+        shape = np.shape(values)
+        if len(shape) != 1 or shape[0] == 0:
+            raise ValueError(
+                f"hparams[{name!r}] must be a non-empty 1-D array (one value per config), "
+                f"got shape {shape}."
+            )
+        _checks.check_numeric(f"hparams[{name!r}]", values)
+        sizes[name] = shape[0]
+    if seeds is not None:
+        sizes["seeds"] = np.shape(seeds)[0] if np.ndim(seeds) == 1 else -1
+        if sizes["seeds"] == -1 or not np.issubdtype(np.asarray(seeds).dtype, np.integer):
+            raise ValueError(f"seeds must be a 1-D array of integers, got {describe(seeds)}.")
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{n}: {k}" for n, k in sizes.items())
+        raise ValueError(f"hparams and seeds must all have the same length K; got {listing}.")
+    return next(iter(sizes.values()))
+
+
+_STATIC = (
+    "loss_fn",
+    "init",
+    "make_optimizer",
+    "epochs",
+    "accumulate",
+    "has_aux",
+    "unroll",
+    "skip_nonfinite",
+    "shuffle_per_seed",
+)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sweep_jit(
+    loss_fn,
+    init,
+    params,
+    make_optimizer,
+    data,
+    hparams,
+    keys,
+    key,
+    opt_state,
+    *,
+    shuffle_per_seed,
+    **settings,
+):
+    def one(hp, seed_key):
+        if seed_key is None:
+            init_key = shuffle_key = None
+        else:
+            init_key, shuffle_key = jax.random.split(seed_key)
+        p = init(init_key) if init is not None else params
+        k = shuffle_key if shuffle_per_seed else key
+        return train(loss_fn, p, make_optimizer(**hp), data, opt_state, k, **settings)
+
+    return jax.vmap(one)(hparams, keys)
+
+
+def sweep(
+    loss_fn: Callable,
+    params: PyTree | Callable[[jax.Array], PyTree],
+    make_optimizer: Callable[..., Any],
+    data: PyTree,
+    hparams: Mapping[str, Any],
+    *,
+    seeds: Any = None,
+    opt_state: PyTree = None,
+    epochs: int = 1,
+    key: jax.Array | None = None,
+    accumulate: int = 1,
+    has_aux: bool = False,
+    unroll: int = 1,
+    skip_nonfinite: bool = False,
+) -> TrainResult:
+    """Trains K configurations in one compiled program, vmapped over hyper-parameters.
+
+    Config ``i`` is exactly ``scan_train(loss_fn, params_i,
+    make_optimizer(**{name: hparams[name][i]}), data, ...)``.
+
+    Args:
+      loss_fn, data, opt_state, epochs, accumulate, has_aux, unroll,
+        skip_nonfinite: as for ``scan_train``.
+      params: the initial params shared by every config, or a function
+        ``init(key) -> params`` called with each config's init key (needs
+        ``seeds``).
+      make_optimizer: builds an optax transformation from one config's
+        hyper-parameters, e.g. ``lambda learning_rate: optax.adam(learning_rate)``;
+        the values it gets are traced scalars.
+      hparams: name -> K values; ``grid(...)`` builds a Cartesian product.
+      seeds: K integers. Config ``i`` splits ``jax.random.key(seeds[i])`` into
+        an init key (for ``init``) and a shuffle key, with which it reshuffles
+        the microbatches every epoch as ``scan_train(key=...)`` does, unless
+        ``key`` is given (then every config shares that order).
+      key: a shared shuffle key, as for ``scan_train``.
+
+    Returns:
+      A ``TrainResult`` whose leaves have a leading axis K: ``losses`` has
+      shape ``(K, updates)``. ``rank`` orders the configs.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, scanfit
+      >>> x = jnp.linspace(-1, 1, 64).reshape(8, 8)
+      >>> loss = lambda w, b: jnp.mean((w * b[0] - b[1]) ** 2)
+      >>> res = scanfit.sweep(loss, 0.0, lambda lr: optax.sgd(lr), (x, 2 * x),
+      ...                     {"lr": [0.01, 0.1, 1.0]}, epochs=20)
+      >>> res.losses.shape
+      (3, 160)
+      >>> [r["lr"] for r in scanfit.rank(res, {"lr": [0.01, 0.1, 1.0]})]
+      [1.0, 0.1, 0.01]
+    """
+    _check_hparams(hparams, seeds)
+    if not callable(make_optimizer):
+        raise TypeError(
+            "make_optimizer must be callable as make_optimizer(**hparams) -> optax optimizer, "
+            f"got {describe(make_optimizer)}."
+        )
+    init = params if callable(params) else None
+    if init is not None and seeds is None:
+        raise ValueError(
+            "params is an init function: pass seeds=[...] (one per config) to give "
+            "each config its init key."
+        )
+    hp = {n: np.asarray(v) for n, v in hparams.items()}
+    keys = None if seeds is None else jax.vmap(jax.random.key)(np.asarray(seeds))
+    # Check one config as scan_train would, on abstract values: errors come before tracing.
+    first = {n: v[0] for n, v in hp.items()}
+    example_opt = make_optimizer(**first)
+    example_params = jax.eval_shape(init, keys[0]) if init is not None else params
+    if init is not None:
+        example_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example_params)
+    _checks.check_train_args(
+        loss_fn,
+        example_params,
+        example_opt,
+        data,
+        opt_state=opt_state,
+        epochs=epochs,
+        key=key,
+        accumulate=accumulate,
+        unroll=unroll,
+        has_aux=has_aux,
+    )
+    if _checks.check_optimizer(example_opt)[0] is None:
+        raise TypeError(
+            "make_optimizer must return an optax.GradientTransformation, got a number; wrap it, "
+            "e.g. lambda learning_rate: optax.sgd(learning_rate)."
+        )
+    if init is None:
+        params = _checks.check_params(params)
+    return _sweep_jit(
+        loss_fn,
+        init,
+        None if init is not None else params,
+        make_optimizer,
+        data,
+        hp,
+        keys,
+        key,
+        opt_state,
+        shuffle_per_seed=seeds is not None and key is None,
+        epochs=epochs,
+        accumulate=accumulate,
+        has_aux=has_aux,
+        unroll=unroll,
+        skip_nonfinite=skip_nonfinite,
+    )
+
+
+def rank(
+    result: TrainResult, hparams: Mapping[str, Any], *, scores: Any = None, window: int = 1
+) -> list[dict[str, Any]]:
+    """Configs of a sweep, best first.
+
+    Args:
+      result: what ``sweep`` returned.
+      hparams: the hyper-parameters passed to ``sweep``.
+      scores: K numbers to rank by, lower is better (e.g. a validation loss
+        per config); default: the mean of the last ``window`` training losses.
+      window: how many final losses to average.
+
+    Returns:
+      One dict per config: ``index``, each hyper-parameter, ``score``;
+      non-finite scores (diverged configs) last.
+    """
+    losses = np.asarray(result.losses)
+    if scores is None:
+        if not (_checks._is_int(window) and window >= 1):
+            raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+        scores = (
+            losses[:, -window:].mean(axis=1) if losses.shape[1] else np.full(len(losses), np.nan)
+        )
+    scores = np.asarray(scores, np.float64)
+    if scores.shape != (losses.shape[0],):
+        raise ValueError(
+            f"scores must have one value per config, shape ({losses.shape[0]},), "
+            f"got {scores.shape}."
+        )
+    order = sorted(range(len(scores)), key=lambda i: (not np.isfinite(scores[i]), scores[i]))
+    return [
+        {
+            "index": i,
+            **{n: np.asarray(v)[i].item() for n, v in hparams.items()},
+            "score": float(scores[i]),
+        }
+        for i in order
+    ]
