@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from scanfit._parallel import to_host
+
 _NAME = re.compile(r"^ckpt-(\d{10})\.npz$")
 _TMP_PREFIX = ".tmp-ckpt-"
 _META = "__meta__"
@@ -30,7 +32,7 @@ _META = "__meta__"
 
 def _flatten(prefix: str, tree: Any) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {f"{prefix}{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in leaves}
+    return {f"{prefix}{jax.tree_util.keystr(p)}": to_host(x) for p, x in leaves}
 
 
 def spec(tree: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checkpoint, _checks, _progress
+from scanfit import _checkpoint, _checks, _parallel, _progress
 from scanfit._errors import CheckpointMismatchError, DivergenceError
 from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
 
@@ -54,8 +54,14 @@ class _Source:
     about two chunks, never the whole dataset.
     """
 
-    def __init__(self, data: PyTree, key, n: int, accumulate: int):
-        self.on_device = all(isinstance(a, jax.Array) for a in jax.tree.leaves(data))
+    def __init__(self, data: PyTree, key, n: int, accumulate: int, mesh):
+        self.mesh = mesh
+        multi_process = mesh is not None and _parallel._processes(mesh) > 1
+        self.on_device = not multi_process and all(
+            isinstance(a, jax.Array) for a in jax.tree.leaves(data)
+        )
+        if self.on_device and mesh is not None:
+            data = _parallel.put_batches(data, mesh, batch_axis=1)
         self.data = data
         self.key = key
         self.n = n
@@ -98,7 +104,10 @@ class _Source:
             block = np.concatenate([a[r] for r in rows]) if len(rows) > 1 else a[rows[0]]
             return block.reshape(count, self.k, *a.shape[1:])
 
-        return jax.device_put(jax.tree.map(gather, self.data)), None
+        chunk = jax.tree.map(gather, self.data)
+        if self.mesh is not None:
+            return _parallel.put_batches(chunk, self.mesh, batch_axis=2), None
+        return jax.device_put(chunk), None
 
 
 def _data_digest(data: PyTree) -> str:
@@ -130,8 +139,6 @@ def _check_fit_settings(
     nan_policy,
     on_chunk,
     progress,
-    mesh,
-    devices,
 ) -> None:
     for name, value in (("chunk_steps", chunk_steps), ("checkpoint_every", checkpoint_every)):
         if value is not None and (not _checks._is_int(value) or value < 1):
@@ -152,8 +159,6 @@ def _check_fit_settings(
         and not Path(checkpoint_dir).is_dir()
     ):
         raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} exists and is not a directory.")
-    if mesh is not None or devices is not None:
-        raise NotImplementedError("mesh= and devices= (data parallelism) are not available yet.")
 
 
 class _History:
@@ -164,8 +169,8 @@ class _History:
         self.aux = [aux]
 
     def add(self, losses: np.ndarray, aux: PyTree) -> None:
-        self.losses.append(np.asarray(losses))
-        self.aux.append(jax.tree.map(np.asarray, aux))
+        self.losses.append(_host(losses))
+        self.aux.append(jax.tree.map(_host, aux))
 
     def result(self, state: TrainState) -> TrainResult:
         losses = np.concatenate(self.losses)
@@ -233,7 +238,13 @@ def fit(
         or params, raise ``DivergenceError`` with the exact first bad update
         and the last good state (also checkpointed); ``"skip"``: skip such
         updates (``skip_nonfinite=True`` means the same); ``"ignore"``: go on.
-      mesh, devices: data parallelism (not available yet).
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
+        batch axis (axis 1) is sharded over it, params and optimizer state
+        replicated; XLA inserts the gradient all-reduce. Across hosts (after
+        ``jax.distributed.initialize()``), each process passes its own share
+        of every microbatch as ``data``; process 0 writes the checkpoints.
+      devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
+        first n local devices. The batch size must divide by it.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -266,9 +277,10 @@ def fit(
         nan_policy=nan_policy,
         on_chunk=on_chunk,
         progress=progress,
-        mesh=mesh,
-        devices=devices,
     )
+    mesh = _parallel.make_mesh(mesh, devices)
+    if mesh is not None:
+        _parallel.check_batch(data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     if opt_state is None:
         opt_state = optimizer.init(params)
@@ -276,12 +288,14 @@ def fit(
     per_epoch = n // accumulate
     total = epochs * per_epoch
     chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
-    source = _Source(data, key, n, accumulate)
+    source = _Source(data, key, n, accumulate, mesh)
 
     loss_spec, aux_spec = _loss_spec(loss_fn, params, data, has_aux)
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
     # A private copy on the device: donating the carry must never delete the caller's arrays.
     state = jax.tree.map(lambda a: jnp.array(a, copy=True), init_state(params, opt_state))
+    if mesh is not None:
+        state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     fingerprint = _fingerprint(
@@ -290,14 +304,14 @@ def fit(
     if ckpt_dir is not None and ckpt_dir.is_dir():
         _checkpoint.clean_temporaries(ckpt_dir)
         if resume:
-            restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs)
+            restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh)
             if restored is not None:
                 state, history = restored
 
     def save(state: TrainState) -> None:
-        if ckpt_dir is None:
+        if ckpt_dir is None or jax.process_index() != 0:  # one writer, whatever the hosts
             return
-        step = int(state.step)
+        step = _int(state.step)
         result = history.result(state)
         _checkpoint.save(
             ckpt_dir,
@@ -327,7 +341,7 @@ def fit(
         skip_nonfinite=policy == "skip",
     )
     t0 = time.perf_counter()
-    step = int(state.step)
+    step = _int(state.step)
     last_saved = step
     pending = None  # (start_state, outputs) of the chunk in flight
     with _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar:
@@ -341,16 +355,16 @@ def fit(
                 # Start the next chunk's transfer before waiting on this one.
                 inputs = source.inputs(nxt, min(chunk, total - nxt)) if nxt < total else None
                 new_state, losses, aux = pending[1]
-                losses = np.asarray(losses)  # waits for the chunk
+                losses = _host(losses)  # waits for the chunk
                 pending = None
-                bad = int(new_state.first_nonfinite)
+                bad = _int(new_state.first_nonfinite)
                 if policy == "raise" and bad >= 0:
                     raise _divergence(
                         run, start_state, chunk_inputs, step, bad, history, save, losses, ckpt_dir
                     )
                 state, step = new_state, nxt
                 history.add(losses, aux)
-                skipped = int(state.skipped)
+                skipped = _int(state.skipped)
                 bar.update(step, float(np.mean(losses)), skipped)
                 stop = False
                 if on_chunk is not None:
@@ -377,15 +391,22 @@ def fit(
         except KeyboardInterrupt:
             if pending is not None:  # the chunk in flight: keep it if it completes cleanly
                 start_state, (new_state, losses, aux) = pending
-                if policy == "raise" and int(new_state.first_nonfinite) >= 0:
+                if policy == "raise" and _int(new_state.first_nonfinite) >= 0:
                     new_state = None
                 if new_state is not None:
                     state = new_state
-                    history.add(np.asarray(losses), aux)
-            if int(state.step) > last_saved:
+                    history.add(losses, aux)
+            if _int(state.step) > last_saved:
                 save(state)
             raise
     return history.result(state)
+
+
+_host = _parallel.to_host
+
+
+def _int(x) -> int:
+    return int(_host(x))
 
 
 def _loss_spec(loss_fn, params, data, has_aux):
@@ -401,7 +422,7 @@ def _version() -> str:
     return __version__
 
 
-def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs):
+def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
     found = _checkpoint.newest_valid(ckpt_dir)
     if found is None:
         return None
@@ -435,6 +456,8 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs):
     aux = (
         _checkpoint.unflatten("aux", empty_aux, arrays) if jax.tree.leaves(empty_aux) else empty_aux
     )
+    if mesh is not None:
+        restored = _parallel.put_replicated(restored, mesh)
     return restored, _History(arrays["losses"], aux)
 
 
@@ -448,7 +471,7 @@ def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckp
         else:
             idx = idx[:good_count]
         good_state, good_losses, good_aux = run(state=start_state, data=data, idx=idx)
-        history.add(np.asarray(good_losses), good_aux)
+        history.add(good_losses, good_aux)
     else:
         good_state = start_state
     save(good_state)
