@@ -89,7 +89,7 @@ def test_host_chunks_hold_only_one_chunk_of_data(problem, monkeypatch):
     )
     scanfit.fit(mlp_loss, params, 0.01, data, chunk_steps=8, progress=False)
     shapes = [s for s in shapes if s and len(s[0]) > 1]  # data chunks, not the loss history
-    assert shapes == [[(8, 1, 5, 3), (8, 1, 5, 2)]] * 2 + [[(4, 1, 5, 3), (4, 1, 5, 2)]]
+    assert shapes == [[(8, 5, 3), (8, 5, 2)]] * 2 + [[(4, 5, 3), (4, 5, 2)]]
 
 
 def test_at_most_two_compilations_per_run(problem, compilations):
@@ -421,6 +421,30 @@ def test_divergence_reports_the_exact_step_and_the_last_good_state(problem, tmp_
     assert_same(exc.value.state, good)
     meta, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, 13))
     np.testing.assert_array_equal(arrays["losses"], good.losses)
+
+
+def poison_params_at(step):
+    """An optax stage that makes update ``step`` non-finite while its loss is still finite."""
+
+    def update(updates, count, params=None):
+        updates = jax.tree.map(lambda u: jnp.where(count == step, jnp.inf, u), updates)
+        return updates, count + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+@pytest.mark.parametrize("bad, chunk", [(13, 5), (13, None), (19, 4), (19, None)])
+def test_divergence_of_params_with_a_finite_loss_is_pinned_to_its_update(problem, bad, chunk):
+    # The loop checks only losses; the host walks back to the update whose new
+    # params went non-finite, also when it is the last update of the run.
+    params, data = problem
+    opt = optax.chain(optax.sgd(0.01), poison_params_at(bad))
+    with pytest.raises(scanfit.DivergenceError, match=rf"diverged at update {bad}: its loss was "
+                                                      r"[0-9.]+ and/or its new params") as exc:
+        scanfit.fit(mlp_loss, params, opt, data, chunk_steps=chunk, progress=False)
+    assert exc.value.step == bad
+    good = scanfit.scan_train(mlp_loss, params, opt, jax.tree.map(lambda a: a[:bad], data))
+    assert_same(exc.value.state, good)
 
 
 def test_divergence_at_the_first_update_of_a_chunk(problem):

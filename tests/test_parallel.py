@@ -98,7 +98,7 @@ def test_fit_shards_each_chunk_over_the_data_axis(monkeypatch):
     scanfit.fit(loss, params, 0.01, data, chunk_steps=12, devices=4, progress=False)
     assert len(seen) == 2
     for sharding in seen[0]:
-        assert sharding.spec == PartitionSpec(None, None, "data") and sharding.num_devices == 4
+        assert sharding.spec == PartitionSpec(None, "data") and sharding.num_devices == 4
 
 
 def test_sharded_resume_equals_uninterrupted_sharded_run(tmp_path):

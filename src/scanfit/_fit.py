@@ -93,20 +93,21 @@ class _Source:
     def inputs(self, start: int, count: int):
         """(data, idx) for run_chunk: device data with indices, or the chunk's own data."""
         rows = self.rows(start, count)
+        shape = (count, self.k) if self.k > 1 else (count,)  # as group() lays out updates
         if self.on_device:
             idx = np.concatenate(
                 [np.arange(self.n)[r] if isinstance(r, slice) else r for r in rows]
             )
-            return self.data, jnp.asarray(idx.reshape(count, self.k), jnp.int32)
+            return self.data, jnp.asarray(idx.reshape(shape), jnp.int32)
 
         def gather(a):
             # Slices read a memmap sequentially; index arrays read it row by row.
             block = np.concatenate([a[r] for r in rows]) if len(rows) > 1 else a[rows[0]]
-            return block.reshape(count, self.k, *a.shape[1:])
+            return block.reshape(*shape, *a.shape[1:])
 
         chunk = jax.tree.map(gather, self.data)
         if self.mesh is not None:
-            return _parallel.put_batches(chunk, self.mesh, batch_axis=2), None
+            return _parallel.put_batches(chunk, self.mesh, batch_axis=len(shape)), None
         return jax.device_put(chunk), None
 
 
@@ -358,6 +359,8 @@ def fit(
                 losses = _host(losses)  # waits for the chunk
                 pending = None
                 bad = _int(new_state.first_nonfinite)
+                if policy == "raise" and bad < 0 and not _finite(new_state.params):
+                    bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
                     raise _divergence(
                         run, start_state, chunk_inputs, step, bad, history, save, losses, ckpt_dir
@@ -461,24 +464,41 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
     return restored, _History(arrays["losses"], aux)
 
 
+def _finite(tree: PyTree) -> bool:
+    return all(bool(_host(jnp.isfinite(x).all())) for x in jax.tree.leaves(tree))
+
+
 def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckpt_dir):
-    """Re-runs the chunk from its start up to the bad update to recover the last good state."""
-    good_count = bad - start
-    if good_count > 0:
-        data, idx = inputs
-        if idx is None:
-            data = jax.tree.map(lambda a: a[:good_count], data)
-        else:
-            idx = idx[:good_count]
-        good_state, good_losses, good_aux = run(state=start_state, data=data, idx=idx)
+    """Re-runs the chunk from its start up to the bad update to recover the last good state.
+
+    ``bad`` is the first update with a non-finite loss (or one past the chunk if
+    only the final params are non-finite). The loop checks losses only, so if
+    the params before ``bad`` are already non-finite, the culprit is an earlier
+    update whose loss was still finite: step back until the state is finite.
+    """
+    data, idx = inputs
+    while True:
+        good_count = bad - start
+        if good_count == 0:
+            good_state, good_losses, good_aux = start_state, losses[:0], None
+            break
+        cut = lambda a, n=good_count: a[:n]  # noqa: E731
+        good_state, good_losses, good_aux = run(
+            state=start_state,
+            data=jax.tree.map(cut, data) if idx is None else data,
+            idx=None if idx is None else cut(idx),
+        )
+        if _finite(good_state.params):
+            break
+        bad -= 1
+    if good_count:
         history.add(good_losses, good_aux)
-    else:
-        good_state = start_state
     save(good_state)
     where = f" and saved in {str(ckpt_dir)!r}" if ckpt_dir is not None else ""
+    loss = float(losses[bad - start]) if bad - start < len(losses) else float("nan")
     return DivergenceError(
-        f"training diverged at update {bad}: its loss was {float(losses[bad - start])} "
-        f"(non-finite loss, gradient or params). The last good state, before update {bad}, is "
+        f"training diverged at update {bad}: its loss was {loss} and/or its new params were "
+        f"non-finite. The last good state, before update {bad}, is "
         f"attached as .state{where}. Lower the learning rate, clip gradients "
         "(optax.clip_by_global_norm), or pass nan_policy='skip' to skip such updates.",
         step=bad,
