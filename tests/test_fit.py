@@ -439,8 +439,11 @@ def test_divergence_of_params_with_a_finite_loss_is_pinned_to_its_update(problem
     # params went non-finite, also when it is the last update of the run.
     params, data = problem
     opt = optax.chain(optax.sgd(0.01), poison_params_at(bad))
-    with pytest.raises(scanfit.DivergenceError, match=rf"diverged at update {bad}: its loss was "
-                                                      r"[0-9.]+ and/or its new params") as exc:
+    with pytest.raises(
+        scanfit.DivergenceError,
+        match=rf"diverged at update {bad}: its loss was "
+        r"[0-9.]+ and/or its new params",
+    ) as exc:
         scanfit.fit(mlp_loss, params, opt, data, chunk_steps=chunk, progress=False)
     assert exc.value.step == bad
     good = scanfit.scan_train(mlp_loss, params, opt, jax.tree.map(lambda a: a[:bad], data))
