@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 # Modules in benchmarks/ that define main(argv) -> exit code. Append new suites here.
-SUITES = ["seed", "loop"]
+SUITES = ["seed", "loop", "fit"]
 
 
 def main(argv: list[str] | None = None) -> int:
