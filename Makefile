@@ -1,6 +1,6 @@
 # Two commands work on a fresh machine with Python >= 3.10 and the package index:
 #   make run    create .venv, install scanfit, train the seed problem on built-in data
-#   make test   create .venv if needed, install the dev extras, run the test suite
+#   make test   create .venv if needed, install the dev and examples extras, run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,examples]"
 	touch $@ $(VENV)/.installed
 
 run: $(VENV)/.installed

@@ -25,6 +25,8 @@ from scanfit._fit import fit
 from scanfit._linear import _grad, scan_training_step
 from scanfit._sweep import rank, sweep
 
+_DEFAULT_UPDATES = 2000
+
 
 class _UsageError(Exception):
     """A bad flag or input: printed as one line, exit status 2."""
@@ -129,18 +131,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--optimizer",
-        default="sgd",
-        help="any optax optimizer taking a learning rate, by name (default sgd)",
+        default=None,
+        help="any optax optimizer taking a learning rate, by name (default: sgd for the scalar "
+        "model, else adam)",
     )
     model.add_argument(
         "--lr",
         type=_list_of(_positive_float),
         default=None,
         help="learning rate; a comma-separated list runs a sweep "
-        "(default 0.005 for the scalar model, else 0.01)",
+        "(default 0.005 for the scalar model, else 0.001)",
     )
     loop = train.add_argument_group("training loop")
-    loop.add_argument("--epochs", type=_positive_int, default=1)
+    loop.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="passes over the data (default: 1 on built-in data; with --data, "
+        f"enough for about {_DEFAULT_UPDATES} updates)",
+    )
     loop.add_argument("--batch-size", type=_positive_int, default=32)
     loop.add_argument("--accumulate", type=_positive_int, default=1)
     loop.add_argument(
@@ -238,7 +247,8 @@ def _train(args) -> dict[str, Any]:
         outputs, y_dtype = int(table.y.max()) + 1, np.int32
     else:
         outputs, y_dtype = 1, np.float32
-    lrs = args.lr or [0.005 if name == "scalar" else 0.01]
+    lrs = args.lr or [0.005 if name == "scalar" else 0.001]
+    args.optimizer = args.optimizer or ("sgd" if name == "scalar" else "adam")
     make_opt = _optimizer_factory(args.optimizer)
     val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if builtin else 0.2)
     split = _data.split(
@@ -251,6 +261,8 @@ def _train(args) -> dict[str, Any]:
     )
     model = _models.build(name, task, features, outputs, args.hidden)
     n = len(split.train[0])
+    if args.epochs is None:
+        args.epochs = 1 if builtin else max(1, -(-_DEFAULT_UPDATES * args.accumulate // n))
     total = args.epochs * n // args.accumulate
     summary: dict[str, Any] = {
         "data": "built-in seed problem" if builtin else str(args.data),
