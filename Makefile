@@ -27,10 +27,14 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PIP) install -e ".[bench]"
+	touch $@ $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/run.py
 
-bench-quick: $(VENV)/.installed
+bench-quick: $(VENV)/.installed-bench
 	$(PY) benchmarks/run.py --quick
 
 lint: $(VENV)/.installed-dev

@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# SCANFIT_BENCH_RESULTS redirects the output (the test suite's --quick run writes to a tmp dir).
+RESULTS_DIR = Path(
+    os.environ.get("SCANFIT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:

@@ -294,6 +294,11 @@ def scan_train(
       skip_nonfinite: an update whose loss, gradient or new params are
         non-finite leaves params and optimizer state unchanged, and is counted.
 
+    Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
+    shapes reuse the compiled program. Build the optimizer once: writing
+    ``optax.adam(1e-3)`` again makes a new object, hence a new compilation
+    (a float learning rate is an argument, not part of the program).
+
     Returns:
       A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``.
 

@@ -1,0 +1,28 @@
+"""`make bench --quick` runs end to end, so the benchmark scripts never rot.
+
+Peers that are not installed (torch, keras: the `bench` extra) are reported as
+skipped, not failed. Timings are printed, never asserted: tests check behaviour.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def test_quick_benchmarks_run_and_write_results(tmp_path):
+    env = {**os.environ, "SCANFIT_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for suite in ("seed", "loop", "fit", "peers"):
+        assert f"===== {suite}: ok" in proc.stdout
+        payload = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert payload  # each suite wrote its figures
+    peers = json.loads((tmp_path / "peers.json").read_text())
+    assert peers["rows"]["scanfit_fit"]["warm_updates_per_s"] > 0
+    assert peers["ceiling_updates_per_s"] > 0
