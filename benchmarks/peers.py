@@ -404,7 +404,6 @@ def chart(rows, ceiling, path) -> None:
     )
     ax.axvline(ceiling, color="tab:red", ls="--", label="matmul limit (XLA)")
     ax.set(
-        xscale="log",
         xlabel="updates/s (warm, higher is better)",
         title="64-64-10 MLP, batch 32, Adam, 2-core CPU",
     )
