@@ -50,11 +50,11 @@ from _common import (  # noqa: E402
     machine,
     write_json,
 )
+from loop import BATCH, CLASSES, FEATURES, HIDDEN, CheckFailed, init_params, make_data, make_loss  # noqa: E402, E501
 
 import scanfit  # noqa: E402
 from scanfit import _checkpoint  # noqa: E402
 
-FEATURES, HIDDEN, CLASSES, BATCH = 64, 64, 10, 32
 LR = 1e-3
 CKPT_EVERY = 1000
 FULL = {"n": 20_000, "reps": 7, "mmap_chunks": (100, 1000, 10_000), "saves": 50, "gathers": 5}
@@ -66,37 +66,11 @@ RTOL = 1e-5  # diagnostic variants (not scanfit) are checked to this, not bitwis
 DIAGNOSTIC = {"hand"}
 
 
-class CheckFailed(Exception):
-    pass
+# The workload is loop.py's: the same data, init and loss, so the two suites compare.
+loss_fn = make_loss()
 
 
-# ---------------------------------------------------------------------------- workload
-
-
-def make_data(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """N microbatches of BATCH examples, labels = argmax of a fixed random linear teacher."""
-    rng = np.random.default_rng(0)
-    teacher = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
-    x = rng.standard_normal((n, BATCH, FEATURES), dtype=np.float32)
-    y = np.argmax(x @ teacher, axis=-1).astype(np.int32)
-    return x, y
-
-
-def init_params() -> dict:
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {
-        "w1": jax.random.normal(k1, (FEATURES, HIDDEN), jnp.float32) / np.sqrt(FEATURES),
-        "b1": jnp.zeros((HIDDEN,), jnp.float32),
-        "w2": jax.random.normal(k2, (HIDDEN, CLASSES), jnp.float32) / np.sqrt(HIDDEN),
-        "b2": jnp.zeros((CLASSES,), jnp.float32),
-    }
-
-
-def loss_fn(params, batch):
-    x, y = batch
-    h = jnp.tanh(x @ params["w1"] + params["b1"])
-    logits = h @ params["w2"] + params["b2"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+# ---------------------------------------------------------------------------- variants
 
 
 def make_hand_scan(optimizer) -> Callable:
