@@ -299,9 +299,11 @@ def fit(
         state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    fingerprint = _fingerprint(
-        params, opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
-    )
+    fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
+    if ckpt_dir is not None:
+        fingerprint = _fingerprint(
+            params, opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
+        )
     if ckpt_dir is not None and ckpt_dir.is_dir():
         _checkpoint.clean_temporaries(ckpt_dir)
         if resume:
@@ -355,11 +357,11 @@ def fit(
                 nxt = step + count
                 # Start the next chunk's transfer before waiting on this one.
                 inputs = source.inputs(nxt, min(chunk, total - nxt)) if nxt < total else None
-                new_state, losses, aux = pending[1]
+                new_state, losses, aux, params_finite = pending[1]
                 losses = _host(losses)  # waits for the chunk
                 pending = None
                 bad = _int(new_state.first_nonfinite)
-                if policy == "raise" and bad < 0 and not _finite(new_state.params):
+                if policy == "raise" and bad < 0 and not bool(_host(params_finite)):
                     bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
                     raise _divergence(
@@ -393,7 +395,7 @@ def fit(
                     break
         except KeyboardInterrupt:
             if pending is not None:  # the chunk in flight: keep it if it completes cleanly
-                start_state, (new_state, losses, aux) = pending
+                start_state, (new_state, losses, aux, _) = pending
                 if policy == "raise" and _int(new_state.first_nonfinite) >= 0:
                     new_state = None
                 if new_state is not None:
@@ -464,10 +466,6 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
     return restored, _History(arrays["losses"], aux)
 
 
-def _finite(tree: PyTree) -> bool:
-    return all(bool(_host(jnp.isfinite(x).all())) for x in jax.tree.leaves(tree))
-
-
 def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckpt_dir):
     """Re-runs the chunk from its start up to the bad update to recover the last good state.
 
@@ -483,12 +481,12 @@ def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckp
             good_state, good_losses, good_aux = start_state, losses[:0], None
             break
         cut = lambda a, n=good_count: a[:n]  # noqa: E731
-        good_state, good_losses, good_aux = run(
+        good_state, good_losses, good_aux, params_finite = run(
             state=start_state,
             data=jax.tree.map(cut, data) if idx is None else data,
             idx=None if idx is None else cut(idx),
         )
-        if _finite(good_state.params):
+        if bool(_host(params_finite)):
             break
         bad -= 1
     if good_count:

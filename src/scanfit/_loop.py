@@ -186,7 +186,9 @@ def run_chunk(
     update i gathers microbatches ``idx[i]`` from ``data`` (leaves (N, ...));
     with ``idx=None``, ``data`` already holds the chunk's microbatches, leaves
     (C, accumulate, ...), or (C, ...) without accumulation.
-    Returns ``(state, losses, aux)``.
+    Returns ``(state, losses, aux, params_finite)``: the last is a scalar bool
+    computed in the graph, once per chunk, so the host reads one flag instead
+    of walking the params.
     """
     update = make_update(
         loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
@@ -195,7 +197,7 @@ def run_chunk(
         state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
     else:
         state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
-    return state, losses, aux
+    return state, losses, aux, _all_finite(state.params)
 
 
 def train(
