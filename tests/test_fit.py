@@ -483,30 +483,15 @@ def test_has_aux_history_survives_chunks_and_resume(problem, tmp_path):
         return loss, {"sq": loss**2}
 
     ref = scanfit.scan_train(loss_aux, params, 0.01, data, has_aux=True, epochs=2)
+    kwargs = dict(has_aux=True, epochs=2, chunk_steps=6, checkpoint_dir=tmp_path, progress=False)
+
+    def interrupt_at_18(info):
+        if info.step == 18:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        scanfit.fit(
-            loss_aux,
-            params,
-            0.01,
-            data,
-            has_aux=True,
-            epochs=2,
-            chunk_steps=6,
-            checkpoint_dir=tmp_path,
-            progress=False,
-            on_chunk=lambda i: (_ for _ in ()).throw(KeyboardInterrupt) if i.step == 18 else None,
-        )
-    res = scanfit.fit(
-        loss_aux,
-        params,
-        0.01,
-        data,
-        has_aux=True,
-        epochs=2,
-        chunk_steps=6,
-        checkpoint_dir=tmp_path,
-        progress=False,
-    )
+        scanfit.fit(loss_aux, params, 0.01, data, on_chunk=interrupt_at_18, **kwargs)
+    res = scanfit.fit(loss_aux, params, 0.01, data, **kwargs)
     np.testing.assert_array_equal(res.aux["sq"], ref.aux["sq"])
     assert_same(res, ref)
 

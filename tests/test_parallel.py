@@ -35,6 +35,21 @@ def assert_close(a, b, rtol=RTOL):
     )
 
 
+def adam_fit(loss, params, data, **kwargs):
+    """The run every parallel test compares: adam, 2 shuffled epochs, chunks of 10."""
+    return scanfit.fit(
+        loss,
+        params,
+        optax.adam(0.01),
+        data,
+        epochs=2,
+        key=jax.random.key(0),
+        chunk_steps=10,
+        progress=False,
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def mesh4():
     assert len(jax.devices()) >= 4, "conftest should give 4 CPU devices"
@@ -55,27 +70,8 @@ def test_fit_on_four_devices_equals_one_device(host_data):
     loss, params, data = problem()
     if not host_data:
         data = jax.tree.map(jnp.asarray, data)
-    one = scanfit.fit(
-        loss,
-        params,
-        optax.adam(0.01),
-        data,
-        epochs=2,
-        key=jax.random.key(0),
-        chunk_steps=10,
-        progress=False,
-    )
-    many = scanfit.fit(
-        loss,
-        params,
-        optax.adam(0.01),
-        data,
-        epochs=2,
-        key=jax.random.key(0),
-        chunk_steps=10,
-        progress=False,
-        devices=4,
-    )
+    one = adam_fit(loss, params, data)
+    many = adam_fit(loss, params, data, devices=4)
     assert_close(many, one)
     w = many.params["w"]
     assert len(w.sharding.device_set) == 4 and w.sharding.is_fully_replicated
@@ -175,16 +171,7 @@ def test_two_processes_train_together_like_one(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     loss, params, data = problem()
-    one = scanfit.fit(
-        loss,
-        params,
-        optax.adam(0.01),
-        data,
-        epochs=2,
-        key=jax.random.key(0),
-        chunk_steps=10,
-        progress=False,
-    )
+    one = adam_fit(loss, params, data)
     with np.load(tmp_path / "result.npz") as got:
         np.testing.assert_allclose(got["losses"], one.losses, rtol=RTOL)
         np.testing.assert_allclose(got["w"], one.params["w"], rtol=RTOL, atol=1e-6)
