@@ -31,8 +31,8 @@ _META = "__meta__"
 
 
 def _flatten(prefix: str, tree: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {f"{prefix}{jax.tree_util.keystr(p)}": to_host(x) for p, x in leaves}
+    leaves = jax.tree_util.tree_leaves_with_path(to_host(tree))
+    return {f"{prefix}{jax.tree_util.keystr(p)}": x for p, x in leaves}
 
 
 def spec(tree: Any) -> dict[str, Any]:

@@ -96,9 +96,10 @@ class _Source:
         shape = (count, self.k) if self.k > 1 else (count,)  # as group() lays out updates
         if self.on_device:
             idx = np.concatenate(
-                [np.arange(self.n)[r] if isinstance(r, slice) else r for r in rows]
+                [np.arange(r.start, r.stop) if isinstance(r, slice) else r for r in rows]
             )
-            return self.data, jnp.asarray(idx.reshape(shape), jnp.int32)
+            # A plain transfer: jnp.asarray(idx, jnp.int32) would also dispatch a convert op.
+            return self.data, jax.device_put(idx.astype(np.int32).reshape(shape))
 
         def gather(a):
             # Slices read a memmap sequentially; index arrays read it row by row.
@@ -171,7 +172,7 @@ class _History:
 
     def add(self, losses: np.ndarray, aux: PyTree) -> None:
         self.losses.append(_host(losses))
-        self.aux.append(jax.tree.map(_host, aux))
+        self.aux.append(_host(aux))
 
     def result(self, state: TrainState) -> TrainResult:
         losses = np.concatenate(self.losses)
@@ -358,10 +359,13 @@ def fit(
                 # Start the next chunk's transfer before waiting on this one.
                 inputs = source.inputs(nxt, min(chunk, total - nxt)) if nxt < total else None
                 new_state, losses, aux, params_finite = pending[1]
-                losses = _host(losses)  # waits for the chunk
+                # One round trip for everything the host needs; it waits for the chunk.
+                losses, aux, bad, params_finite, skipped = _host(
+                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped)
+                )
                 pending = None
-                bad = _int(new_state.first_nonfinite)
-                if policy == "raise" and bad < 0 and not bool(_host(params_finite)):
+                bad, skipped = int(bad), int(skipped)
+                if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
                     raise _divergence(
@@ -369,7 +373,6 @@ def fit(
                     )
                 state, step = new_state, nxt
                 history.add(losses, aux)
-                skipped = _int(state.skipped)
                 bar.update(step, float(np.mean(losses)), skipped)
                 stop = False
                 if on_chunk is not None:
