@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import scanfit
-from scanfit import _checkpoint
+from scanfit import _checkpoint, _fit
 from scanfit._fit import _chunk_donating
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -147,6 +147,57 @@ def test_on_chunk_sees_every_chunk_and_can_stop_early(problem, tmp_path):
         progress=False,
     )
     assert_same(resumed, full)
+
+
+@pytest.mark.parametrize("policy, ahead", [("raise", True), ("ignore", False)])
+def test_next_chunk_is_dispatched_before_the_host_waits_only_without_donation(
+    problem, monkeypatch, policy, ahead
+):
+    # Under "raise" the carry is not donated, so chunk k+1 can start on chunk k's
+    # outputs before the host reads them; a donated carry could not be read after.
+    params, data = problem
+    events = []
+    for name in ("_chunk", "_chunk_donating"):
+        real = getattr(_fit, name)
+        monkeypatch.setattr(
+            _fit,
+            name,
+            lambda *a, _real=real, **k: events.append("d") or _real(*a, **k),
+        )
+    scanfit.fit(
+        mlp_loss,
+        params,
+        0.01,
+        data,
+        chunk_steps=4,
+        nan_policy=policy,
+        on_chunk=lambda info: events.append(info.step),
+        progress=False,
+    )
+    # "d": a chunk dispatched; a number: on_chunk seeing the chunk that ends there.
+    want = "d d 4 d 8 d 12 d 16 20" if ahead else "d 4 d 8 d 12 d 16 d 20"
+    assert " ".join(map(str, events)) == want
+
+
+def test_on_chunk_and_early_stop_see_their_own_chunk_not_the_one_dispatched_ahead(problem):
+    params, data = problem
+    opt = optax.adam(0.01)
+    seen = {}
+
+    def on_chunk(info):
+        seen[info.step] = jax.tree.map(np.asarray, info.params)
+        return info.step < 12
+
+    res = scanfit.fit(mlp_loss, params, opt, data, chunk_steps=6, on_chunk=on_chunk, progress=False)
+    assert sorted(seen) == [6, 12]
+    for step, got in seen.items():
+        want = scanfit.scan_train(
+            mlp_loss, params, opt, jax.tree.map(lambda a, n=step: a[:n], data)
+        )
+        jax.tree.map(np.testing.assert_array_equal, got, want.params)
+    assert_same(
+        res, scanfit.scan_train(mlp_loss, params, opt, jax.tree.map(lambda a: a[:12], data))
+    )
 
 
 def test_resume_after_the_end_returns_the_saved_result_without_training(problem, tmp_path):

@@ -3,7 +3,8 @@
 Each chunk is one compiled call of ``chunk_steps`` updates (two shapes at most:
 full chunks and the remainder). Between chunks the host streams the next
 chunk's data, checks the finite flag carried in the graph, reports progress,
-calls ``on_chunk`` and writes checkpoints. Per-update work on the host is zero.
+calls ``on_chunk`` and writes checkpoints; under ``nan_policy="raise"`` the next
+chunk is already running meanwhile. Per-update work on the host is zero.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class ChunkInfo(NamedTuple):
     losses: np.ndarray  # shape=(updates in this chunk,), this chunk's losses
     params: PyTree  # params after this chunk
     skipped: int  # updates skipped as non-finite so far
+
+
+class _Flight(NamedTuple):
+    """A dispatched chunk: where it started and what it returns once it completes."""
+
+    state: TrainState  # the carry it started from (kept to rebuild the last good state)
+    start: int  # updates done before it
+    count: int  # updates in it
+    inputs: Any  # (data, idx) it ran on
+    outputs: Any  # (new_state, losses, aux, params_finite), device futures
 
 
 class _Source:
@@ -240,6 +251,12 @@ def fit(
         or params, raise ``DivergenceError`` with the exact first bad update
         and the last good state (also checkpointed); ``"skip"``: skip such
         updates (``skip_nonfinite=True`` means the same); ``"ignore"``: go on.
+        Under ``"raise"`` the carry is not donated, so each chunk is
+        dispatched before the host checks the one before it: the device does
+        not wait on the host's checks, progress and checkpoints. (A chunk
+        dispatched ahead of an early stop or a divergence still runs; its
+        results are dropped.) ``"skip"`` and ``"ignore"`` donate the carry
+        instead, saving a copy of the params and optimizer state.
       mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
         batch axis (axis 1) is sharded over it, params and optimizer state
         replicated; XLA inserts the gradient all-reduce. Across hosts (after
@@ -344,34 +361,45 @@ def fit(
         unroll=unroll,
         skip_nonfinite=policy == "skip",
     )
+    # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
+    # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
+    # idle while the host checks, reports and checkpoints.
+    speculate = policy == "raise"
+
+    def launch(state: TrainState, start: int, inputs) -> _Flight:
+        count = min(chunk, total - start)
+        return _Flight(state, start, count, inputs, run(state=state, data=inputs[0], idx=inputs[1]))
+
+    def next_inputs(start: int):
+        return source.inputs(start, min(chunk, total - start)) if start < total else None
+
     t0 = time.perf_counter()
     step = _int(state.step)
     last_saved = step
-    pending = None  # (start_state, outputs) of the chunk in flight
+    flight = None  # the chunk the host waits on next
     with _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar:
         try:
-            inputs = source.inputs(step, min(chunk, total - step)) if step < total else None
-            while step < total:
-                count = min(chunk, total - step)
-                start_state, chunk_inputs = state, inputs
-                pending = (start_state, run(state=state, data=chunk_inputs[0], idx=chunk_inputs[1]))
-                nxt = step + count
-                # Start the next chunk's transfer before waiting on this one.
-                inputs = source.inputs(nxt, min(chunk, total - nxt)) if nxt < total else None
-                new_state, losses, aux, params_finite = pending[1]
+            if step < total:
+                flight = launch(state, step, next_inputs(step))
+            while flight is not None:
+                nxt = flight.start + flight.count
+                # The next chunk's transfer starts before this chunk is waited on.
+                inputs = next_inputs(nxt)
+                new_state, losses, aux, params_finite = flight.outputs
+                ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
                 losses, aux, bad, params_finite, skipped = _host(
                     (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped)
                 )
-                pending = None
                 bad, skipped = int(bad), int(skipped)
                 if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
                     raise _divergence(
-                        run, start_state, chunk_inputs, step, bad, history, save, losses, ckpt_dir
-                    )
-                state, step = new_state, nxt
+                        run, flight.state, flight.inputs, flight.start, bad, history, save,
+                        losses, ckpt_dir,
+                    )  # fmt: skip
+                state, step, flight = new_state, nxt, None
                 history.add(losses, aux)
                 bar.update(step, float(np.mean(losses)), skipped)
                 stop = False
@@ -395,10 +423,13 @@ def fit(
                     save(state)
                     last_saved = step
                 if stop:
-                    break
+                    break  # a chunk dispatched ahead is dropped
+                if ahead is None and inputs is not None:
+                    ahead = launch(state, step, inputs)
+                flight = ahead
         except KeyboardInterrupt:
-            if pending is not None:  # the chunk in flight: keep it if it completes cleanly
-                start_state, (new_state, losses, aux, _) = pending
+            if flight is not None:  # the chunk waited on: keep it if it completes cleanly
+                new_state, losses, aux, _ = flight.outputs
                 if policy == "raise" and _int(new_state.first_nonfinite) >= 0:
                     new_state = None
                 if new_state is not None:
