@@ -285,6 +285,11 @@ def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
         scanfit.fit(
             mlp_loss, params, 0.01, data, accumulate=2, checkpoint_dir=tmp_path, progress=False
         )
+    with pytest.raises(scanfit.CheckpointMismatchError, match=r"opt_state.treedef: checkpoint"):
+        # Same params and data, another optimizer: its state has another structure.
+        scanfit.fit(
+            mlp_loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, progress=False
+        )
     with pytest.raises(scanfit.CheckpointMismatchError, match=r"key: checkpoint has None"):
         scanfit.fit(
             mlp_loss,

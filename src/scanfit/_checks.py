@@ -141,21 +141,25 @@ def check_key(key: Any) -> Any:
     return key
 
 
-def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> None:
-    """Traces loss_fn abstractly on one microbatch to check it returns a scalar."""
+def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> tuple[Any, Any]:
+    """Traces loss_fn abstractly on one microbatch to check it returns a scalar.
+
+    Returns the shapes and dtypes of ``(loss, aux)``; aux is None without has_aux.
+    """
     if not callable(loss_fn):
         raise TypeError(
             f"loss_fn must be callable as loss_fn(params, batch), got {describe(loss_fn)}."
         )
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
     out = jax.eval_shape(loss_fn, params, batch)
+    aux = None
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(
                 "with has_aux=True, loss_fn must return a pair (loss, aux), got "
                 f"{type(out).__name__}."
             )
-        out = out[0]
+        out, aux = out
     elif isinstance(out, (tuple, list)):
         raise ValueError(
             f"loss_fn returned a {type(out).__name__}, not a scalar; if it returns "
@@ -168,6 +172,7 @@ def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> None:
         )
     if not np.issubdtype(np.dtype(out.dtype), np.floating):
         raise TypeError(f"loss_fn must return a floating loss, got dtype {out.dtype}.")
+    return out, aux
 
 
 def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
@@ -195,15 +200,16 @@ def check_train_args(
 ):
     """The checks shared by scan_train, fit and sweep.
 
-    Returns ``(params, optimizer, lr, n, key)``: ``optimizer`` is the optax
-    transformation, or None with ``lr`` the learning rate of plain SGD.
+    Returns ``(params, optimizer, lr, n, key, loss_spec)``: ``optimizer`` is the
+    optax transformation, or None with ``lr`` the learning rate of plain SGD;
+    ``loss_spec`` is check_loss's ``(loss, aux)`` shapes and dtypes.
     """
     params = check_params(params)
     optimizer, lr = check_optimizer(optimizer)
     n = check_data(data)
     check_loop_settings(n, epochs=epochs, accumulate=accumulate, unroll=unroll)
     key = check_key(key)
-    check_loss(loss_fn, params, data, has_aux=has_aux)
+    loss_spec = check_loss(loss_fn, params, data, has_aux=has_aux)
     if opt_state is not None:
         check_opt_state(opt_state, optimizer or optax.sgd(lr), params)
-    return params, optimizer, lr, n, key
+    return params, optimizer, lr, n, key, loss_spec

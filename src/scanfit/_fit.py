@@ -34,6 +34,20 @@ _chunk = jax.jit(run_chunk, static_argnames=_STATIC)
 _chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("state",))
 
 
+@functools.partial(jax.jit, static_argnames="optimizer")
+def _fresh_state(params: PyTree, opt_state: PyTree, optimizer) -> TrainState:
+    """The initial carry in new device buffers (donating it must never delete the caller's
+    arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
+    dispatch per leaf."""
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    return jax.tree.map(jnp.copy, init_state(params, opt_state))
+
+
+# The host-side epoch orders must equal scan_train's in-graph ones bitwise: same function.
+_epoch_order = jax.jit(epoch_order, static_argnames="n")
+
+
 class ChunkInfo(NamedTuple):
     """What ``on_chunk`` receives after each chunk."""
 
@@ -84,7 +98,7 @@ class _Source:
             return None
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.asarray(epoch_order(self.key, epoch, self.n))
+            self._orders[epoch] = np.asarray(_epoch_order(self.key, epoch, n=self.n))
         return self._orders[epoch]
 
     def rows(self, start: int, count: int) -> tuple[np.ndarray | slice, ...]:
@@ -276,7 +290,7 @@ def fit(
       ValueError, TypeError: bad arguments, as for ``scan_train``.
       KeyboardInterrupt: re-raised after saving the last completed chunk.
     """
-    params, optimizer, lr, n, key = _checks.check_train_args(
+    params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
         loss_fn,
         params,
         optimizer,
@@ -301,18 +315,14 @@ def fit(
     if mesh is not None:
         _parallel.check_batch(data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
     policy = "skip" if skip_nonfinite else nan_policy
     per_epoch = n // accumulate
     total = epochs * per_epoch
     chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
     source = _Source(data, key, n, accumulate, mesh)
 
-    loss_spec, aux_spec = _loss_spec(loss_fn, params, data, has_aux)
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    # A private copy on the device: donating the carry must never delete the caller's arrays.
-    state = jax.tree.map(lambda a: jnp.array(a, copy=True), init_state(params, opt_state))
+    state = _fresh_state(params, opt_state, optimizer=optimizer)
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
@@ -320,7 +330,7 @@ def fit(
     fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
     if ckpt_dir is not None:
         fingerprint = _fingerprint(
-            params, opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
+            params, state.opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
         )
     if ckpt_dir is not None and ckpt_dir.is_dir():
         _checkpoint.clean_temporaries(ckpt_dir)
@@ -446,13 +456,6 @@ _host = _parallel.to_host
 
 def _int(x) -> int:
     return int(_host(x))
-
-
-def _loss_spec(loss_fn, params, data, has_aux):
-    """Shapes and dtypes of (loss, aux) for one microbatch; aux is None without has_aux."""
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
-    out = jax.eval_shape(loss_fn, params, batch)
-    return out if has_aux else (out, None)
 
 
 def _version() -> str:

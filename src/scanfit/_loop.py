@@ -322,7 +322,7 @@ def scan_train(
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
     """
-    params, optimizer, lr, _, key = _checks.check_train_args(
+    params, optimizer, lr, _, key, _ = _checks.check_train_args(
         loss_fn,
         params,
         optimizer,
