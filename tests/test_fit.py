@@ -1,5 +1,6 @@
 """fit: chunked against unchunked, streamed against in-memory, killed against uninterrupted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -300,6 +301,21 @@ def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
             checkpoint_dir=tmp_path,
             progress=False,
         )
+
+
+def test_checkpoint_lacking_an_array_is_a_clear_error(problem, tmp_path):
+    params, data = problem
+    opt = optax.adam(0.01)
+    scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
+    path = _checkpoint.path_for(tmp_path, 20)
+    meta, arrays = _checkpoint.read(path)
+    victim = next(k for k in arrays if k.startswith("opt_state"))
+    del arrays[victim]
+    np.savez(path, __meta__=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(
+        scanfit.CheckpointMismatchError, match=r"\(step 20\) has no array .*written by scanfit"
+    ):
+        scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_checkpoint_past_the_run_is_an_error(problem, tmp_path):

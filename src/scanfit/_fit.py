@@ -485,22 +485,34 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
     as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
         jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
     )
-    counters = _checkpoint.unflatten(
-        "counters", {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite}, arrays
-    )
-    restored = TrainState(
-        as_device(state.params, "params"),
-        as_device(state.opt_state, "opt_state"),
-        jnp.asarray(step, jnp.int32),
-        jnp.asarray(counters["skipped"]),
-        jnp.asarray(counters["first_nonfinite"]),
-    )
-    aux = (
-        _checkpoint.unflatten("aux", empty_aux, arrays) if jax.tree.leaves(empty_aux) else empty_aux
-    )
+    try:
+        counters = _checkpoint.unflatten(
+            "counters",
+            {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
+            arrays,
+        )
+        restored = TrainState(
+            as_device(state.params, "params"),
+            as_device(state.opt_state, "opt_state"),
+            jnp.asarray(step, jnp.int32),
+            jnp.asarray(counters["skipped"]),
+            jnp.asarray(counters["first_nonfinite"]),
+        )
+        aux = (
+            _checkpoint.unflatten("aux", empty_aux, arrays)
+            if jax.tree.leaves(empty_aux)
+            else empty_aux
+        )
+        losses = arrays["losses"]
+    except KeyError as err:  # a fingerprint that matches over arrays that do not
+        raise CheckpointMismatchError(
+            f"the newest checkpoint in {str(ckpt_dir)!r} (step {step}) has no array {err}: "
+            f"it was written by scanfit {meta.get('scanfit_version')!r} or edited since. "
+            "Use another checkpoint_dir, or resume=False to start afresh."
+        ) from None
     if mesh is not None:
         restored = _parallel.put_replicated(restored, mesh)
-    return restored, _History(arrays["losses"], aux)
+    return restored, _History(losses, aux)
 
 
 def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckpt_dir):
