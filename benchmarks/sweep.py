@@ -83,7 +83,7 @@ def workloads(quick: bool):
 
 
 def bench_sweep(quick: bool) -> list[dict]:
-    return [_measure_sweep(w, 1 if quick else 3) for w in workloads(quick)]
+    return [_measure_sweep(w, 1 if quick else 7) for w in workloads(quick)]
 
 
 def _measure_sweep(w: dict, reps: int) -> dict:
