@@ -608,7 +608,8 @@ def profile(rows: dict, lim: dict | None, updates: int) -> tuple[list[str], dict
         f"  (hand-written scan: {us(adam):.2f} us)",
         f"  {'scanfit.fit over the hand-written scan':<{w}}{us(fit - adam):6.2f} us"
         f"  {100 * (fit - adam) / fit:3.0f}%  (= {out['scanfit_fixed_ms_per_call']:.1f} ms per"
-        " call of fit, host work around the compiled loop)",
+        " call of fit: its host work, ~1-2 ms in fit.py, and what its compiled chunks"
+        " do beyond the hand scan: loss history, finite flag)",
         f"  {'scanfit.fit, this process':<{w}}{us(fit):6.2f} us",
     ]
     if kernels:
