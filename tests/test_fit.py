@@ -461,6 +461,44 @@ def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
         assert_same(res, scanfit.scan_train(mlp_loss, params, 0.01, data, epochs=2))
 
 
+@pytest.mark.parametrize("poison_at, saved", [(None, 8), (7, 4)])
+def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
+    problem, tmp_path, monkeypatch, poison_at, saved
+):
+    # Ctrl-C lands while the host waits on updates 4-7. Kept if clean; dropped if its
+    # last update left non-finite params behind a finite loss.
+    params, data = problem
+    opt = optax.sgd(0.01)
+    if poison_at is not None:
+        opt = optax.chain(opt, poison_params_at(poison_at))
+    fetches = []
+    real = _fit._host
+
+    def host(x):
+        out = real(x)
+        if isinstance(x, tuple) and len(x) == 5:  # the per-chunk fetch that waits
+            fetches.append(x)
+            if len(fetches) == 2:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(_fit, "_host", host)
+    with pytest.raises(KeyboardInterrupt):
+        scanfit.fit(
+            mlp_loss,
+            params,
+            opt,
+            data,
+            chunk_steps=4,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=100,
+            progress=False,
+        )
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path)] == [saved]
+    _, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, saved))
+    assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("params"))
+
+
 def poisoned(data, bad):
     x, y = (np.array(a) for a in data)
     for i in bad:

@@ -439,8 +439,9 @@ def fit(
                 flight = ahead
         except KeyboardInterrupt:
             if flight is not None:  # the chunk waited on: keep it if it completes cleanly
-                new_state, losses, aux, _ = flight.outputs
-                if policy == "raise" and _int(new_state.first_nonfinite) >= 0:
+                new_state, losses, aux, params_finite = flight.outputs
+                clean = _int(new_state.first_nonfinite) < 0 and bool(_host(params_finite))
+                if policy == "raise" and not clean:
                     new_state = None
                 if new_state is not None:
                     state = new_state
