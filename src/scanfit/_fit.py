@@ -440,10 +440,10 @@ def fit(
         except KeyboardInterrupt:
             if flight is not None:  # the chunk waited on: keep it if it completes cleanly
                 new_state, losses, aux, params_finite = flight.outputs
-                clean = _int(new_state.first_nonfinite) < 0 and bool(_host(params_finite))
-                if policy == "raise" and not clean:
-                    new_state = None
-                if new_state is not None:
+                clean = policy != "raise" or (
+                    _int(new_state.first_nonfinite) < 0 and bool(_host(params_finite))
+                )
+                if clean:
                     state = new_state
                     history.add(losses, aux)
             if _int(state.step) > last_saved:
