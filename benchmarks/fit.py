@@ -352,7 +352,7 @@ def host_work(reps: int, epochs=(1, 50)) -> dict:
             for name, fn in fns.items():
                 times[name].append(timed(fn)[0])
         med = {name: statistics.median(t) for name, t in times.items()}
-        out[e] = {**{f"{k}_ms": 1e3 * v for k, v in med.items()}}
+        out[e] = {f"{k}_ms": 1e3 * v for k, v in med.items()}
         out[e]["fit_minus_scan_train_ms"] = 1e3 * (med["fit"] - med["scan_train"])
     return out
 
