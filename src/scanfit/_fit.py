@@ -269,8 +269,9 @@ def fit(
         dispatched before the host checks the one before it: the device does
         not wait on the host's checks, progress and checkpoints. (A chunk
         dispatched ahead of an early stop or a divergence still runs; its
-        results are dropped.) ``"skip"`` and ``"ignore"`` donate the carry
-        instead, saving a copy of the params and optimizer state.
+        results are dropped.) That holds three copies of the params and
+        optimizer state at a time (a chunk's start, its end, the next one's
+        end); ``"skip"`` and ``"ignore"`` donate the carry and hold one.
       mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
         batch axis (axis 1) is sharded over it, params and optimizer state
         replicated; XLA inserts the gradient all-reduce. Across hosts (after
