@@ -150,13 +150,19 @@ def test_on_chunk_sees_every_chunk_and_can_stop_early(problem, tmp_path):
     assert_same(resumed, full)
 
 
-@pytest.mark.parametrize("policy, ahead", [("raise", True), ("ignore", False)])
+@pytest.mark.parametrize(
+    "policy, max_bytes, ahead",
+    [("raise", _fit._SPECULATE_MAX_BYTES, True), ("raise", 0, False), ("ignore", None, False)],
+)
 def test_next_chunk_is_dispatched_before_the_host_waits_only_without_donation(
-    problem, monkeypatch, policy, ahead
+    problem, monkeypatch, policy, max_bytes, ahead
 ):
     # Under "raise" the carry is not donated, so chunk k+1 can start on chunk k's
     # outputs before the host reads them; a donated carry could not be read after.
+    # A carry over the size limit is not worth a third copy: no dispatch ahead.
     params, data = problem
+    if max_bytes is not None:
+        monkeypatch.setattr(_fit, "_SPECULATE_MAX_BYTES", max_bytes)
     events = []
     for name in ("_chunk", "_chunk_donating"):
         real = getattr(_fit, name)
