@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checkpoint, _checks, _parallel, _progress
+from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
 from scanfit._errors import CheckpointMismatchError, DivergenceError
 from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
 
 NAN_POLICIES = ("raise", "skip", "ignore")
-_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite")
+_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
 _chunk = jax.jit(run_chunk, static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
@@ -35,13 +36,13 @@ _chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")
-def _fresh_state(params: PyTree, opt_state: PyTree, optimizer) -> TrainState:
+def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer) -> TrainState:
     """The initial carry in new device buffers (donating it must never delete the caller's
     arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
     dispatch per leaf."""
     if opt_state is None:
         opt_state = optimizer.init(params)
-    return jax.tree.map(jnp.copy, init_state(params, opt_state))
+    return jax.tree.map(jnp.copy, init_state(params, opt_state, model_state))
 
 
 # Dispatching chunk k+1 ahead holds one more copy of the carry; above this size (big
@@ -150,15 +151,41 @@ def _data_digest(data: PyTree) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(params, opt_state, data, *, key, accumulate, has_aux) -> dict[str, Any]:
+def _fingerprint(
+    params, opt_state, model_state, data, *, key, rng, accumulate, has_aux
+) -> dict[str, Any]:
     return {
         "params": _checkpoint.spec(params),
         "opt_state": _checkpoint.spec(opt_state),
+        "model_state": _checkpoint.spec(model_state),
+        "rng": _key_list(rng),
         "data": {**_checkpoint.spec(data), "content_sha1": _data_digest(data)},
         "accumulate": accumulate,
         "has_aux": has_aux,
-        "key": None if key is None else np.asarray(jax.random.key_data(key)).tolist(),
+        "key": _key_list(key),
     }
+
+
+def _key_list(key) -> list | None:
+    return None if key is None else np.asarray(jax.random.key_data(key)).tolist()
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys (e.g. in an NNX module's RNG streams) as their uint32 data, for saving."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
+    """The inverse of _keys_as_data, with each key's implementation taken from ``like``."""
+
+    def restore(old, x):
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(old)) if _is_key(old) else x
+
+    return jax.tree.map(restore, like, tree)
 
 
 def _check_fit_settings(
@@ -213,6 +240,7 @@ class _History:
             jax.device_put(aux),
             state.skipped,
             state.first_nonfinite,
+            state.model_state,
         )
 
 
@@ -229,6 +257,8 @@ def fit(
     has_aux: bool = False,
     unroll: int = 1,
     skip_nonfinite: bool = False,
+    model_state: PyTree = None,
+    rng: jax.Array | None = None,
     chunk_steps: int | None = None,
     progress: bool | None = None,
     on_chunk: Callable[[ChunkInfo], Any] | None = None,
@@ -297,9 +327,14 @@ def fit(
       ValueError, TypeError: bad arguments, as for ``scan_train``.
       KeyboardInterrupt: re-raised after saving the last completed chunk.
     """
+    model = _adapters.adapt(
+        loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
+        has_aux=has_aux,
+    )  # fmt: skip
+    loss_fn, model_state = model.loss_fn, model.model_state
     params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
         loss_fn,
-        params,
+        model.params,
         optimizer,
         data,
         opt_state=opt_state,
@@ -308,6 +343,9 @@ def fit(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        model_state=model_state,
+        rng=rng,
+        extended=model.extended,
     )
     _check_fit_settings(
         chunk_steps=chunk_steps,
@@ -329,7 +367,7 @@ def fit(
     source = _Source(data, key, n, accumulate, mesh)
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    state = _fresh_state(params, opt_state, optimizer=optimizer)
+    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
@@ -337,7 +375,14 @@ def fit(
     fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
     if ckpt_dir is not None:
         fingerprint = _fingerprint(
-            params, state.opt_state, data, key=key, accumulate=accumulate, has_aux=has_aux
+            params,
+            state.opt_state,
+            model_state,
+            data,
+            key=key,
+            rng=rng,
+            accumulate=accumulate,
+            has_aux=has_aux,
         )
     if ckpt_dir is not None and ckpt_dir.is_dir():
         _checkpoint.clean_temporaries(ckpt_dir)
@@ -357,6 +402,7 @@ def fit(
             {
                 "params": state.params,
                 "opt_state": state.opt_state,
+                "model_state": _keys_as_data(state.model_state),
                 "counters": {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
                 "losses": result.losses,
                 "aux": result.aux,
@@ -377,6 +423,8 @@ def fit(
         has_aux=has_aux,
         unroll=unroll,
         skip_nonfinite=policy == "skip",
+        extended=model.extended,
+        rng=rng,
     )
     # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
     # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
@@ -414,10 +462,12 @@ def fit(
                 if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
-                    raise _divergence(
+                    err = _divergence(
                         run, flight.state, flight.inputs, flight.start, bad, history, save,
                         losses, ckpt_dir,
                     )  # fmt: skip
+                    err.state = model.finish(err.state)
+                    raise err
                 state, step, flight = new_state, nxt, None
                 history.add(losses, aux)
                 bar.update(step, float(np.mean(losses)), skipped)
@@ -458,7 +508,15 @@ def fit(
             if _int(state.step) > last_saved:
                 save(state)
             raise
-    return history.result(state)
+    if policy == "skip" and total and _int(state.skipped) == total:
+        warnings.warn(
+            f"every update of this run ({total} of {total}) was skipped as non-finite "
+            "(nan_policy='skip'): params are unchanged. Check the loss at the initial params, "
+            "the learning rate, or the dtype (float16 overflows above 65504).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return model.finish(history.result(state))
 
 
 _host = _parallel.to_host
@@ -501,9 +559,13 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
             {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
             arrays,
         )
+        model_state = _keys_from_data(
+            state.model_state, as_device(_keys_as_data(state.model_state), "model_state")
+        )
         restored = TrainState(
             as_device(state.params, "params"),
             as_device(state.opt_state, "opt_state"),
+            model_state,
             jnp.asarray(step, jnp.int32),
             jnp.asarray(counters["skipped"]),
             jnp.asarray(counters["first_nonfinite"]),
