@@ -550,9 +550,14 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
             f"the newest checkpoint in {str(ckpt_dir)!r} is at update {step}, past the "
             f"{total} updates of this run (epochs={epochs})."
         )
-    as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
-        jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
-    )
+
+    def as_device(like, prefix):
+        # NumPy saves ml_dtypes arrays (bfloat16) as raw void bytes: view them back.
+        def restore(old, saved):
+            return jnp.asarray(saved.view(old.dtype) if saved.dtype.kind == "V" else saved)
+
+        return jax.tree.map(restore, like, _checkpoint.unflatten(prefix, like, arrays))
+
     try:
         counters = _checkpoint.unflatten(
             "counters",
