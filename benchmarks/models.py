@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from _common import RESULTS_DIR, describe_machine, format_table, machine, write_json
 
@@ -144,9 +143,9 @@ def state_overhead(cfg: dict) -> dict:
     opt = optax.adam(1e-3)
     runs = {
         "plain": lambda: scanfit.scan_train(loss, params, opt, (xs, ys)).params,
-        "with_state": lambda: scanfit.scan_train(
-            with_state, params, opt, (xs, ys), model_state=stats
-        ).params,
+        "with_state": lambda: (
+            scanfit.scan_train(with_state, params, opt, (xs, ys), model_state=stats).params
+        ),
     }
     times = {name: [] for name in runs}
     for run in runs.values():
