@@ -277,7 +277,10 @@ def fit(
 
     Args:
       loss_fn, params, optimizer, data, opt_state, epochs, key, accumulate,
-        has_aux, unroll, skip_nonfinite: as for ``scan_train``. ``data``
+        has_aux, unroll, skip_nonfinite, model_state, rng: as for
+        ``scan_train`` (Flax NNX and Equinox modules included; the model
+        state is checkpointed and resumed with the params, and replicated
+        over ``mesh``, where batch statistics are those of the global batch). ``data``
         leaves may be JAX arrays (kept on the device) or NumPy arrays,
         ``np.load(..., mmap_mode="r")`` memmaps included (streamed to the
         device one chunk at a time, the next chunk's transfer overlapping the

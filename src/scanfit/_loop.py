@@ -350,8 +350,18 @@ def scan_train(
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss``, a scalar; with ``has_aux``,
         ``-> (loss, aux)``. ``batch`` has the structure of ``data`` with the
-        leading axis removed: ``data=(xb, yb)`` gives ``batch=(x, y)``.
-      params: the initial parameters, any pytree of floating arrays.
+        leading axis removed: ``data=(xb, yb)`` gives ``batch=(x, y)``. With
+        ``model_state`` or ``rng`` given, the extended form
+        ``loss_fn(params, model_state, batch, rng) -> (loss, new_model_state)``
+        (with ``has_aux``: ``-> (loss, (new_model_state, aux))``).
+      params: the initial parameters, any pytree of floating arrays (bfloat16,
+        float16, float32, float64). Or a Flax ``nnx.Module``, with
+        ``loss_fn(model, batch)``: its ``nnx.Param``s are trained, every other
+        variable (BatchNorm statistics, RNG stream counters) is carried as
+        model state, the module holds the trained state afterwards and
+        ``res.params`` is its ``nnx.State`` of Params. Or an Equinox module:
+        its floating arrays are trained, every other leaf is static, and
+        ``res.params`` is the trained module.
       optimizer: an ``optax.GradientTransformation``, or a float: plain SGD
         with that learning rate.
       data: pytree of arrays sharing a leading axis N: N microbatches.
@@ -369,6 +379,14 @@ def scan_train(
       unroll: passed to the inner ``lax.scan``.
       skip_nonfinite: an update whose loss, gradient or new params are
         non-finite leaves params and optimizer state unchanged, and is counted.
+      model_state: any pytree (BatchNorm statistics, EMA weights, counters;
+        an ``eqx.nn.State``), carried through every update and every
+        accumulated microbatch in order, never differentiated. ``None`` is
+        passed to the extended form when only ``rng`` is given.
+      rng: a PRNG key. Microbatch ``m`` of the run (counted from 0 over all
+        epochs; update ``u`` uses microbatches ``u * accumulate`` to
+        ``u * accumulate + accumulate - 1``) gets ``jax.random.fold_in(rng, m)``.
+        ``None`` is passed when only ``model_state`` is given.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -381,9 +399,12 @@ def scan_train(
     Raises:
       ValueError: data leaves with different leading axes, ``accumulate`` not
         dividing N, ``epochs < 1``, a loss that is not a scalar, an
-        ``opt_state`` that does not match the optimizer and params.
+        ``opt_state`` that does not match the optimizer and params, a new
+        model state that differs from ``model_state`` in structure, shape or
+        dtype, ``model_state``/``rng`` given with an NNX module.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
-        ``key`` not a PRNG key, params not floating, ``loss_fn`` not callable.
+        ``key`` or ``rng`` not a PRNG key, params not floating, ``loss_fn``
+        not callable, a Flax ``TrainState`` as params.
 
     Example:
       >>> import jax.numpy as jnp, optax, scanfit
