@@ -305,11 +305,16 @@ def scan_train(
       A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``.
 
     Raises:
-      ValueError: data leaves with different leading axes, ``accumulate`` not
-        dividing N, ``epochs < 1``, a loss that is not a scalar, an
-        ``opt_state`` that does not match the optimizer and params.
+      ValueError: data leaves with different leading axes, no microbatch
+        (N=0) or empty ones (an axis of size 0), ``accumulate`` not dividing
+        N, ``epochs < 1``, a loss that is not a scalar, an ``opt_state`` that
+        does not match the optimizer and params, more than 2**31 - 1 updates,
+        or stacked per-update losses and aux over 1 GiB (``fit`` runs such
+        a run in chunks).
       TypeError: ``optimizer`` neither an optax transformation nor a number,
-        ``key`` not a PRNG key, params not floating, ``loss_fn`` not callable.
+        ``key`` not a PRNG key, params not floating, ``loss_fn`` not callable,
+        ``has_aux`` or ``skip_nonfinite`` not a bool, ``opt_state`` leaves
+        of other dtypes than ``optimizer.init(params)`` gives.
 
     Example:
       >>> import jax.numpy as jnp, optax, scanfit
@@ -322,7 +327,7 @@ def scan_train(
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
     """
-    params, optimizer, lr, _, key, _ = _checks.check_train_args(
+    params, optimizer, lr, n, key, loss_spec = _checks.check_train_args(
         loss_fn,
         params,
         optimizer,
@@ -333,7 +338,9 @@ def scan_train(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
     )
+    _checks.check_stacked_outputs(epochs * (n // accumulate), _checks.output_bytes(*loss_spec))
     return _scan_train_jit(
         loss_fn,
         params,
