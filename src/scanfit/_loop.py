@@ -186,9 +186,10 @@ def run_chunk(
     update i gathers microbatches ``idx[i]`` from ``data`` (leaves (N, ...));
     with ``idx=None``, ``data`` already holds the chunk's microbatches, leaves
     (C, accumulate, ...), or (C, ...) without accumulation.
-    Returns ``(state, losses, aux, params_finite)``: the last is a scalar bool
-    computed in the graph, once per chunk, so the host reads one flag instead
-    of walking the params.
+    Returns ``(state, losses, aux, state_finite)``: the last is a scalar bool,
+    all of the params and optimizer state finite, computed in the graph once
+    per chunk, so the host reads one flag instead of walking the state. (An
+    infinite Adam ``nu`` leaves params finite but frozen: it must count.)
     """
     update = make_update(
         loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
@@ -197,7 +198,38 @@ def run_chunk(
         state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
     else:
         state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
-    return state, losses, aux, _all_finite(state.params)
+    return state, losses, aux, _all_finite((state.params, state.opt_state))
+
+
+def finite_per_update(
+    loss_fn,
+    optimizer,
+    state: TrainState,
+    data: PyTree,
+    idx,
+    *,
+    accumulate: int,
+    has_aux: bool,
+    unroll: int,
+    skip_nonfinite: bool,
+) -> jax.Array:
+    """Re-runs a chunk as ``run_chunk`` does, recording which updates stayed finite.
+
+    Returns a bool array of shape (C,): update i's loss, new params and new
+    optimizer state all finite. For the host's divergence search only: the
+    per-update walk over the state is what ``run_chunk`` avoids.
+    """
+    update = make_update(
+        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
+    )
+
+    def body(state, microbatches):
+        state, (loss, _) = update(state, microbatches)
+        return state, jnp.isfinite(loss) & _all_finite((state.params, state.opt_state))
+
+    if idx is None:
+        return lax.scan(body, state, data, unroll=unroll)[1]
+    return lax.scan(gathering(body, data), state, idx, unroll=unroll)[1]
 
 
 def train(
