@@ -458,7 +458,10 @@ BAD_INPUTS = [  # rejected by scanfit: one line
         ["--data", "good.npz", "--lr", "0.1,0.2", "--checkpoint-dir", "ck"],
         "give one --lr and one --seed",
     ),
-    (["--data", "good.npz", "--batch-size", "10", "--devices", "3"], "devices"),
+    (
+        ["--data", "good.npz", "--batch-size", "10", "--devices", "3"],
+        "--batch-size 10 must be a multiple of --devices 3",
+    ),
 ]
 
 

@@ -439,7 +439,7 @@ def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
 
     for policy in ("raise", "ignore"):  # without and with a donated carry
         ckpt = tmp_path / policy
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as exc:
             scanfit.fit(
                 mlp_loss,
                 params,
@@ -454,6 +454,7 @@ def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
                 progress=False,
             )
         assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [12]
+        assert exc.value.step == 12  # what the CLI reports
         res = scanfit.fit(
             mlp_loss,
             params,
@@ -490,7 +491,7 @@ def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
         return out
 
     monkeypatch.setattr(_fit, "_host", host)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as exc:
         scanfit.fit(
             mlp_loss,
             params,
@@ -502,6 +503,7 @@ def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
             progress=False,
         )
     assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path)] == [saved]
+    assert exc.value.step == saved  # past the last chunk on_chunk saw when kept
     _, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, saved))
     assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("params"))
 

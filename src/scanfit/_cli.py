@@ -306,6 +306,11 @@ def _check_paths(args) -> None:
             f"--devices {args.devices}: this machine has {jax.local_device_count()} "
             f"{jax.default_backend()} device(s)"
         )
+    if args.devices is not None and args.batch_size % args.devices:
+        raise _UsageError(
+            f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}: "
+            "each device takes an equal share of every batch"
+        )
 
 
 def _check_plot_format(path: Path) -> None:
