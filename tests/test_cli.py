@@ -446,6 +446,11 @@ BAD_INPUTS = [  # rejected by scanfit: one line
         + ["--seed", ",".join(map(str, range(2000))), "--batch-size", "10000"],
         "x 4000 configs and needs about",
     ),
+    (
+        ["--data", "good.npz", "--lr", "0.1,0.2", "--epochs", "100000000"],
+        "200000000 updates x 2 configs would stack 1.5 GiB of per-update losses and aux in one "
+        "program, more than the 1 GiB allowed; give fewer --epochs, --lr or --seed values",
+    ),
     (["--steps", "10000000000"], "--steps 10000000000 x --batch-size 32 = 320,000,000,000 rows"),
     (["--steps", "2000000000", "--batch-size", "64"], "rows of built-in data need about"),
     (["--epochs", "100000000000"], "--epochs 100000000000 x 20000 updates per epoch"),

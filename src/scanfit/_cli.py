@@ -465,6 +465,15 @@ def _train(args) -> dict[str, Any]:
                 "--devices and --checkpoint-dir train one configuration; give one "
                 "--lr and one --seed with them"
             )
+        try:  # a sweep is one program: all its float32 losses are stacked at once
+            _checks.check_stacked_outputs(
+                total,
+                4,
+                configs=len(lrs) * len(args.seed),
+                remedy="give fewer --epochs, --lr or --seed values",
+            )
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
         return _sweep(args, model, make_opt, split, lrs, summary)
     return _single(args, model, make_opt(lrs[0]), split, lrs[0], builtin, summary, total)
 

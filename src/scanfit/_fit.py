@@ -340,7 +340,11 @@ def fit(
       DivergenceError: ``nan_policy="raise"`` and training diverged.
       scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
         belongs to another run.
-      ValueError, TypeError: bad arguments, as for ``scan_train``.
+      ValueError, TypeError: bad arguments, as for ``scan_train`` (which
+        also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
+        with a ``nan_policy`` other than ``"skip"``; ``resume`` or
+        ``progress`` not a bool; a ``chunk_steps`` whose per-update outputs
+        would exceed 1 GiB.
       KeyboardInterrupt: re-raised after saving the last completed chunk; its
         ``step`` attribute is the update that saved state reached.
     """
