@@ -1,12 +1,16 @@
 """The `scanfit` command, through main(argv) and as a real subprocess."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from scanfit import _cli
 from scanfit._cli import main
 
 
@@ -319,3 +323,277 @@ def test_every_subcommand_has_help(capsys):
         "--hidden",
     ):
         assert flag in out
+
+
+# ---------------------------------------------------------------------------
+# Every bad invocation: exit 2, at most 3 lines on stderr, no traceback.
+
+
+def bad_input_files(tmp_path):
+    """The files the table below refers to, by name, in tmp_path."""
+    bad_files(tmp_path)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 2)).astype(np.float32)
+    np.savez(tmp_path / "good.npz", x=x, y=x.sum(1))
+    np.savez(tmp_path / "complex.npz", x=x + 1j, y=x.sum(1))
+    np.savez(tmp_path / "complexy.npz", x=x, y=x.sum(1) + 1j)
+    np.savez(tmp_path / "scalar.npz", x=np.float32(1.0), y=np.float32(2.0))
+    np.savez(tmp_path / "floaty.npz", x=x, y=x.sum(1) + 0.5)
+    np.save(tmp_path / "flat.npy", np.ones(10))
+    np.save(tmp_path / "onecol.npy", np.ones((10, 1)))
+    rows = "\n".join(f"{a:.3f},{b:.3f},{int(a > 0)}" for a, b in x)
+    (tmp_path / "noheader.csv").write_text(rows + "\n")
+    (tmp_path / "bigclass.csv").write_text("a,b,label\n" + rows + "\n0.1,0.2,1000000000\n")
+    (tmp_path / "negative.csv").write_text("a,b,label\n" + rows + "\n0.1,0.2,-1\n")
+    (tmp_path / "headeronly.csv").write_text("a,b,y\n")
+    (tmp_path / "onecolumn.csv").write_text("y\n1\n2\n")
+    (tmp_path / "data.txt").write_text("1,2,3\n")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    return tmp_path
+
+
+BAD_FLAGS = [  # rejected by argparse: its usage line, then the error
+    (["--lr", "-0.1"], "argument --lr: must be a positive number, got -0.1"),
+    (["--lr", "fast"], "argument --lr: must be a positive number, got fast"),
+    (["--lr", "nan"], "argument --lr: must be a positive number, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a positive number, got inf"),
+    (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
+    (["--lr", "1e400"], "argument --lr: must be a positive number, got 1e400"),
+    (["--lr", "0.1,,0.2"], "argument --lr: must be a positive number, got "),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["--steps", "-5"], "argument --steps: must be a positive integer, got -5"),
+    (["--steps", "1e3"], "argument --steps: must be a positive integer, got 1e3"),
+    (["--batch-size", "x"], "argument --batch-size: must be a positive integer, got x"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["--accumulate", "0"], "argument --accumulate: must be a positive integer, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["--epochs", "2.5"], "argument --epochs: must be a positive integer, got 2.5"),
+    (["--chunk-steps", "-1"], "argument --chunk-steps: must be a positive integer, got -1"),
+    (["--val-fraction", "1.5"], "argument --val-fraction: must be a number in [0, 1)"),
+    (["--val-fraction", "nan"], "argument --val-fraction: must be a number in [0, 1)"),
+    (["--val-fraction", "-0.1"], "argument --val-fraction: must be a number in [0, 1)"),
+    (["--model", "cnn"], "argument --model: invalid choice: 'cnn'"),
+    (["--task", "clustering"], "argument --task: invalid choice: 'clustering'"),
+    (["--hidden", "0"], "argument --hidden: must be a positive integer, got 0"),
+    (["--hidden", "64,,32"], "argument --hidden: must be a positive integer, got "),
+    (["--hidden", "abc"], "argument --hidden: must be a positive integer, got abc"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2147483647, got -1"),
+    (
+        ["--seed", str(2**70)],
+        f"argument --seed: must be an integer from 0 to 2147483647, got {2**70}",
+    ),
+    (["--seed", str(2**31)], "argument --seed: must be an integer from 0 to 2147483647"),
+    (["--seed", "0,x"], "argument --seed: must be an integer from 0 to 2147483647, got x"),
+    (["--true-w", "nan"], "argument --true-w: must be a finite number, got nan"),
+    (["--true-w=-inf"], "argument --true-w: must be a finite number, got -inf"),
+    (["--noise", "-1"], "argument --noise: must be a number >= 0, got -1"),
+    (["--noise", "nan"], "argument --noise: must be a finite number, got nan"),
+    (["--devices", "0"], "argument --devices: must be a positive integer, got 0"),
+    (["--checkpoint-dir", ""], "argument --checkpoint-dir: must be a directory name, got ''"),
+    (["--foo"], "unrecognized arguments: --foo"),
+    (["--data"], "argument --data: expected one argument"),
+]
+
+BAD_INPUTS = [  # rejected by scanfit: one line
+    (["--devices", "64"], "--devices 64: this machine has 4 cpu device(s)"),
+    (["--optimizer", "lbfgs"], "--optimizer lbfgs: optax.lbfgs cannot train with gradients alone"),
+    (["--optimizer", "dpsgd"], "optax.dpsgd also needs l2_norm_clip, noise_multiplier, seed"),
+    (["--optimizer", ""], "--optimizer '': not an optax optimizer taking a learning rate"),
+    (["--optimizer", "adamm"], "--optimizer adamm: not an optax optimizer"),
+    (["--optimizer", "GradientTransformation"], "not an optax optimizer taking a learning rate"),
+    (["--optimizer", "__class__"], "--optimizer __class__: not an optax optimizer"),
+    (["--optimizer", "adam;rm"], "--optimizer 'adam;rm': not an optax optimizer"),
+    (["--plot", "p.xyz"], "--plot p.xyz: unknown image format 'xyz'; use one of"),
+    (["--plot", "p"], "--plot p: unknown image format '(none)'"),
+    (["--plot", "adir"], "--plot adir: is a directory, give a file name"),
+    (["--plot", "nodir/p.png"], "--plot nodir/p.png: directory nodir does not exist"),
+    (["--json", "nodir/s.json"], "--json nodir/s.json: directory nodir does not exist"),
+    (["--json", "adir"], "--json adir: is a directory"),
+    (["--checkpoint-dir", "afile"], "--checkpoint-dir afile: exists and is not a directory"),
+    (["--checkpoint-dir", "afile/sub"], "--checkpoint-dir afile/sub: afile is not a directory"),
+    (["--data", "missing.npz"], "--data missing.npz: no such file"),
+    (["--data", "adir"], "--data adir: no such file"),
+    (["--data", "data.txt"], "--data data.txt: unknown format .txt; use .npz, .csv or .npy"),
+    (["--data", "nox.npz"], "missing array 'x' (found features, y)"),
+    (["--data", "rows.npz"], "x has 10 rows but y has 9"),
+    (["--data", "nan.npz"], "x has NaN or inf values (first at row 5)"),
+    (["--data", "text.csv"], "line 3, column 'b': 'five' is not a number"),
+    (["--data", "ragged.csv"], "line 3 has 2 cells, the header has 3"),
+    (["--data", "junk.npz"], "junk.npz: cannot read it"),
+    (["--data", "obj.npz"], "obj.npz: cannot read it"),
+    (["--data", "complex.npz"], "x and y must be real numbers, got complex64 and float32"),
+    (["--data", "complexy.npz"], "x and y must be real numbers, got float32 and complex64"),
+    (["--data", "scalar.npz"], "x and y must be arrays of rows, got shapes () and ()"),
+    (["--data", "flat.npy"], "a .npy file must hold a 2-D array (rows, features + 1)"),
+    (["--data", "onecol.npy"], "got shape (10, 1)"),
+    (["--data", "noheader.csv"], "is all numbers, not a header; add a header row"),
+    (["--data", "headeronly.csv"], "needs a header row and at least one data row"),
+    (["--data", "onecolumn.csv"], "needs at least two columns (features, then the target)"),
+    (
+        ["--data", "bigclass.csv"],
+        "has 3,000,000,003 parameters and needs about",
+    ),
+    (["--data", "bigclass.csv"], "its targets make 1,000,000,001 classes"),
+    (["--data", "negative.csv"], "--task classification needs integer class labels 0, 1, 2"),
+    (["--data", "floaty.npz", "--task", "classification"], "needs integer class labels"),
+    (
+        ["--data", "good.npz", "--model", "mlp", "--hidden", "100000000"],
+        "the mlp model (2 -> 100,000,000 -> 1) has 400,000,001 parameters",
+    ),
+    (
+        ["--data", "good.npz", "--model", "mlp", "--hidden", "64", "--lr", "0.1,0.2"]
+        + ["--seed", ",".join(map(str, range(2000))), "--batch-size", "10000"],
+        "x 4000 configs and needs about",
+    ),
+    (
+        ["--data", "good.npz", "--lr", "0.1,0.2", "--epochs", "100000000"],
+        "200000000 updates x 2 configs would stack 1.5 GiB of per-update losses and aux in one "
+        "program, more than the 1 GiB allowed; give fewer --epochs, --lr or --seed values",
+    ),
+    (["--steps", "10000000000"], "--steps 10000000000 x --batch-size 32 = 320,000,000,000 rows"),
+    (["--steps", "2000000000", "--batch-size", "64"], "rows of built-in data need about"),
+    (["--epochs", "100000000000"], "--epochs 100000000000 x 20000 updates per epoch"),
+    (["--data", "good.npz", "--epochs", "100000000000"], "more than the 2,147,483,647 one run"),
+    (["--true-w", "1e39", "--steps", "10"], "--true-w 1e+39 and --noise 0.1 overflow float32"),
+    (["--data", "small.npz", "--batch-size", "64"], "--batch-size 64 needs at least 64 training"),
+    (["--data", "small.npz", "--model", "scalar"], "--model scalar fits y = w * x"),
+    (["--data", "small.npz", "--val-fraction", "0.01"], "--val-fraction 0.01 of 20 rows holds"),
+    (
+        ["--data", "good.npz", "--lr", "0.1,0.2", "--checkpoint-dir", "ck"],
+        "give one --lr and one --seed",
+    ),
+    (
+        ["--data", "good.npz", "--batch-size", "10", "--devices", "3"],
+        "--batch-size 10 must be a multiple of --devices 3",
+    ),
+]
+
+
+def run_bad(argv, capsys):
+    """(exit status, stderr) of main(argv), argparse's own exit included."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS + BAD_INPUTS)
+def test_every_bad_invocation_is_at_most_3_lines_and_exit_2(
+    argv, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(bad_input_files(tmp_path))
+    monkeypatch.setattr(_cli, "_memory_budget", lambda: 8 * 2**30)  # as on a 16 GiB machine
+    code, err = run_bad(["train", *argv], capsys)
+    assert code == 2, err
+    assert message in err, err
+    assert len(err.splitlines()) <= 3 and "Traceback" not in err, err
+    assert not list(tmp_path.glob("ck*/*")), "nothing may be trained or saved"
+
+
+def test_table_covers_at_least_60_cases():
+    assert len(BAD_FLAGS) + len(BAD_INPUTS) >= 60
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"]])
+def test_missing_or_unknown_command_exits_2(argv, capsys):
+    code, err = run_bad(argv, capsys)
+    assert code == 2 and len(err.splitlines()) <= 3 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            PermissionError(13, "Permission denied", "ck/ckpt.tmp"),
+            "Permission denied (ck/ckpt.tmp)",
+        ),
+        (OSError(30, "Read-only file system", "ck"), "Read-only file system (ck)"),
+        (OSError(28, "No space left on device", "ck/x.npz"), "No space left on device (ck/x.npz)"),
+        (ValueError("checkpoint_dir 'ck' exists and is not a directory."), "is not a directory"),
+    ],
+)
+def test_errors_of_the_run_itself_are_one_line(error, message, files, capsys, monkeypatch):
+    # Read-only and full directories cannot be made here as root; what fit raises for them
+    # (the checkpoint internals are fit's) must reach the user as one line.
+    def failing_fit(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(_cli, "fit", failing_fit)
+    code, err = run_bad(["train", "--data", files["reg_npz"], "--checkpoint-dir", "ck"], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "checkpoint, step, message",
+    [
+        (
+            True,
+            40,
+            "scanfit: interrupted at update 40; checkpoint saved in ck; run again to resume",
+        ),
+        (False, 40, "scanfit: interrupted at update 40; nothing saved (no --checkpoint-dir)"),
+        (True, 0, "scanfit: interrupted at update 0; nothing saved\n"),
+    ],
+)
+def test_ctrl_c_says_where_the_run_stopped_and_exits_130(
+    checkpoint, step, message, files, capsys, monkeypatch
+):
+    def interrupted_fit(*args, **kwargs):
+        interrupt = KeyboardInterrupt()
+        interrupt.step = step  # as fit tags it after saving
+        raise interrupt
+
+    monkeypatch.setattr(_cli, "fit", interrupted_fit)
+    argv = ["train", "--data", files["reg_npz"]] + (
+        ["--checkpoint-dir", "ck"] if checkpoint else []
+    )
+    code, err = run_bad(argv, capsys)
+    assert code == 130 and message in err and len(err.splitlines()) == 1
+
+
+def scanfit_cli(*argv, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "scanfit", "train", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be an integer from 0"),
+        (["--epochs", "100000000000"], "updates, more than the 2,147,483,647"),  # was SIGABRT
+        (["--optimizer", "lbfgs"], "cannot train with gradients alone"),
+    ],
+)
+def test_bad_input_in_a_real_process_exits_2_without_traceback(argv, message):
+    proc = scanfit_cli(*argv)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) <= 3
+
+
+@pytest.mark.slow
+def test_sigint_saves_says_where_and_exits_130(files, tmp_path):
+    ckpt = tmp_path / "ck"
+    argv = ["--data", files["reg_npz"], "--epochs", "1000000", "--chunk-steps", "500"]
+    proc = scanfit_cli(*argv, "--checkpoint-dir", ckpt, "--quiet")
+    deadline = time.monotonic() + 120
+    while not list(ckpt.glob("*.npz")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    match = re.fullmatch(
+        rf"scanfit: interrupted at update (\d+); checkpoint saved in {re.escape(str(ckpt))}; "
+        r"run again to resume\n",
+        err,
+    )
+    assert match, err
+    assert int(match.group(1)) > 0 and int(match.group(1)) % 500 == 0

@@ -1,5 +1,6 @@
 """fit: chunked against unchunked, streamed against in-memory, killed against uninterrupted."""
 
+import functools
 import json
 import os
 import signal
@@ -442,7 +443,7 @@ def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
 
     for policy in ("raise", "ignore"):  # without and with a donated carry
         ckpt = tmp_path / policy
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as exc:
             scanfit.fit(
                 mlp_loss,
                 params,
@@ -457,6 +458,7 @@ def test_keyboard_interrupt_saves_the_last_completed_chunk(problem, tmp_path):
                 progress=False,
             )
         assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [12]
+        assert exc.value.step == 12  # what the CLI reports
         res = scanfit.fit(
             mlp_loss,
             params,
@@ -493,7 +495,7 @@ def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
         return out
 
     monkeypatch.setattr(_fit, "_host", host)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as exc:
         scanfit.fit(
             mlp_loss,
             params,
@@ -505,6 +507,7 @@ def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
             progress=False,
         )
     assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path)] == [saved]
+    assert exc.value.step == saved  # past the last chunk on_chunk saw when kept
     _, arrays = _checkpoint.read(_checkpoint.path_for(tmp_path, saved))
     assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("params"))
 
@@ -773,3 +776,163 @@ def test_a_run_whose_every_update_is_skipped_says_so():
         res = scanfit.fit(loss, jnp.ones(()), 0.1, jnp.ones((6, 1)), nan_policy="skip",
                           progress=False)  # fmt: skip
     assert int(res.skipped) == 6
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            dict(nan_policy="raise", skip_nonfinite=True),
+            ValueError,
+            r"skip_nonfinite=True contradicts nan_policy='raise': skipping means "
+            r"nan_policy='skip'",
+        ),
+        (
+            dict(nan_policy="ignore", skip_nonfinite=True),
+            ValueError,
+            r"skip_nonfinite=True contradicts nan_policy='ignore'",
+        ),
+        (
+            dict(skip_nonfinite="no"),
+            TypeError,
+            r"skip_nonfinite must be True or False, got 'no' of type str",
+        ),
+        (dict(has_aux="yes"), TypeError, r"has_aux must be True or False, got 'yes' of type str"),
+        (dict(resume="no"), TypeError, r"resume must be True or False, got 'no' of type str"),
+        (dict(resume=None), TypeError, r"resume must be True or False, got None of type NoneType"),
+        (dict(progress="x"), TypeError, r"progress must be True, False or None \(auto\), got 'x'"),
+        (
+            dict(data=(np.ones((0, 5, 3), np.float32), np.ones((0, 5, 2), np.float32))),
+            ValueError,
+            r"data must hold at least one microbatch, got N=0",
+        ),
+        (
+            dict(data=(np.ones((4, 0, 3), np.float32), np.ones((4, 0, 2), np.float32))),
+            ValueError,
+            r"data\[0\] has shape \(4, 0, 3\): every microbatch is empty",
+        ),
+        (
+            dict(epochs=2 * 10**8),
+            ValueError,
+            r"makes 4000000000 updates; at most 2147483647 fit the int32 update counter",
+        ),
+    ],
+)
+def test_strict_fit_inputs_are_clear_errors(problem, kwargs, error, match):
+    params, data = problem
+    kwargs = {"data": data, **kwargs}
+    with pytest.raises(error, match=match):
+        scanfit.fit(mlp_loss, params, 0.01, kwargs.pop("data"), **kwargs)
+
+
+def test_skip_nonfinite_alone_means_the_skip_policy(problem):
+    params, data = problem
+    data = poisoned(data, [3])
+    res = scanfit.fit(mlp_loss, params, 0.01, data, skip_nonfinite=True, progress=False)
+    assert int(res.skipped) == 1
+
+
+def test_huge_epochs_without_chunk_steps_run_in_bounded_chunks(problem):
+    # 10**9 epochs of 2 microbatches: one chunk of the whole run used to hang compiling
+    # (and would stack 8 GB of losses); the default chunk reports after 2**16 updates.
+    params, data = problem
+    data = jax.tree.map(lambda a: a[:2], data)
+    seen = []
+
+    def stop_at_once(info):
+        seen.append((info.step, info.total))
+        return False
+
+    res = scanfit.fit(mlp_loss, params, 0.01, data, epochs=10**9, on_chunk=stop_at_once)
+    assert seen == [(2**16, 2 * 10**9)]
+    assert res.losses.shape == (2**16,)
+
+
+def test_default_chunk_keeps_per_update_outputs_within_the_budget(problem, monkeypatch):
+    params, data = problem
+
+    def loss_aux(p, b):
+        loss = mlp_loss(p, b)
+        return loss, jnp.full(1000, loss)  # 4,004 bytes of outputs per update
+
+    monkeypatch.setattr(_fit, "_DEFAULT_CHUNK_OUTPUT_BYTES", 5 * 4004)
+    steps = []
+    res = scanfit.fit(
+        loss_aux, params, 0.01, data, has_aux=True, on_chunk=lambda i: steps.append(i.step)
+    )
+    assert steps == [5, 10, 15, 20] and res.aux.shape == (20, 1000)
+
+
+def test_chunk_steps_whose_outputs_exceed_memory_is_a_clear_error(problem):
+    params, data = problem
+
+    def loss_aux(p, b):
+        loss = mlp_loss(p, b)
+        return loss, jnp.full(2**20, loss)  # 4 MiB per update
+
+    with pytest.raises(
+        ValueError,
+        match=r"300 updates would stack 1.2 GiB of per-update losses and aux in one program, "
+        r"more than the 1 GiB allowed; pass a smaller chunk_steps",
+    ):
+        scanfit.fit(loss_aux, params, 0.01, data, has_aux=True, epochs=15, chunk_steps=300)
+
+
+def linear_loss(p, batch):
+    x, y = batch
+    return jnp.mean((x @ p["w"] - y) ** 2)
+
+
+def test_nonfinite_optimizer_state_is_divergence_at_its_update():
+    # A gradient of ~2e20 overflows Adam's nu = g**2 to inf: the update is g / sqrt(nu) = 0,
+    # so params and losses stay finite and training would freeze silently.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(12, 4, 3)).astype(np.float32)
+    y = rng.normal(size=(12, 4)).astype(np.float32)
+    x[7], y[7] = 1e10, 1e10
+    params = {"w": np.zeros(3, np.float32)}
+    opt = optax.adam(0.01)
+    with pytest.raises(
+        scanfit.DivergenceError,
+        match=r"diverged at update 7: its loss was [0-9.e+]+ and/or its new params or "
+        r"optimizer state were non-finite",
+    ) as exc:
+        scanfit.fit(linear_loss, params, opt, (x, y), chunk_steps=5, progress=False)
+    assert exc.value.step == 7
+    good = scanfit.scan_train(linear_loss, params, opt, (x[:7], y[:7]))
+    assert_same(exc.value.state, good)
+    assert np.isfinite(np.asarray(exc.value.state.losses)).all()
+
+
+def poison_leaf_at(step, leaf):
+    """An optax stage that makes params[leaf] infinite at update ``step``."""
+
+    def update(updates, count, params=None):
+        updates = {**updates, leaf: jnp.where(count == step, jnp.inf, updates[leaf])}
+        return updates, count + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 19])
+def test_inf_in_a_param_the_loss_ignores_is_found_with_two_compilations(bad, compilations):
+    # The loss never sees it, so only the per-chunk state flag fires; the search must pin
+    # the update down in one flagged re-run and one cut re-run, not a recompile per step.
+    rng = np.random.default_rng(5)
+    data = (rng.normal(size=(20, 4, 3)), rng.normal(size=(20, 4)))
+    data = jax.tree.map(lambda a: a.astype(np.float32), data)
+    params = {"w": np.zeros(3, np.float32), "ignored": np.zeros(2, np.float32)}
+    opt = optax.chain(optax.sgd(0.01), poison_leaf_at(bad, "ignored"))
+    state0 = opt.init(params)
+    late = jax.tree.map(lambda s: s + 1000, state0)  # a count past `bad`: no poison
+    run = functools.partial(scanfit.fit, linear_loss, params, opt, data, progress=False)
+    run(opt_state=late, chunk_steps=20)  # compiles the chunk program
+    before = compilations()
+    with pytest.raises(scanfit.DivergenceError, match=rf"diverged at update {bad}: ") as exc:
+        run(opt_state=state0, chunk_steps=20)
+    assert compilations() - before <= 2
+    assert exc.value.step == bad
+    if bad == 0:  # the last good state is the initial one
+        assert exc.value.state.losses.shape == (0,)
+        jax.tree.map(np.testing.assert_array_equal, exc.value.state.params, params)
+    else:
+        cut = jax.tree.map(lambda a: a[:bad], data)
+        assert_same(exc.value.state, scanfit.scan_train(linear_loss, params, opt, cut))

@@ -188,6 +188,21 @@ def test_compiles_once_for_repeated_calls():
             r"x_batches.shape=\(3, 2\) and y_batches.shape=\(4, 2\)",
         ),
         (
+            (0.0, float("nan"), np.ones((3, 2)), np.ones((3, 2))),
+            ValueError,
+            r"lr must be a positive finite number, got nan",
+        ),
+        (
+            (0.0, np.inf, np.ones((3, 2)), np.ones((3, 2))),
+            ValueError,
+            r"lr must be a positive finite number, got inf",
+        ),
+        (
+            (0.0, jnp.float32(-0.5), np.ones((3, 2)), np.ones((3, 2))),
+            ValueError,
+            r"lr must be a positive finite number, got -0.5",
+        ),
+        (
             ("0.5", 0.1, np.ones((3, 2)), np.ones((3, 2))),
             TypeError,
             r"w must be a real number or an array of real numbers, got '0.5' of type str",

@@ -421,6 +421,45 @@ def _ok():
             ValueError,
             r"opt_state does not match optimizer.init\(params\): expected structure",
         ),
+        (dict(has_aux="yes"), TypeError, r"has_aux must be True or False, got 'yes' of type str"),
+        (dict(has_aux=1), TypeError, r"has_aux must be True or False, got 1 of type int"),
+        (
+            dict(skip_nonfinite="no"),
+            TypeError,
+            r"skip_nonfinite must be True or False, got 'no' of type str",
+        ),
+        (
+            dict(data=(np.ones((0, 5, 3)), np.ones((0, 5, 2)))),
+            ValueError,
+            r"data must hold at least one microbatch, got N=0 \(data\[0\] has shape \(0, 5, 3\)\)",
+        ),
+        (
+            dict(data=(np.ones((0, 5, 3)), np.ones((0, 5, 2))), key=jax.random.key(0)),
+            ValueError,
+            r"data must hold at least one microbatch, got N=0",
+        ),
+        (
+            dict(data=(np.ones((6, 0, 3)), np.ones((6, 0, 2)))),
+            ValueError,
+            r"data\[0\] has shape \(6, 0, 3\): every microbatch is empty \(an axis of size 0\)",
+        ),
+        (
+            dict(epochs=10**9),
+            ValueError,
+            r"epochs=1000000000 over N=6 microbatches \(accumulate=1\) makes 6000000000 "
+            r"updates; at most 2147483647 fit the int32 update counter",
+        ),
+        (
+            dict(epochs=10**8),
+            ValueError,
+            r"600000000 updates would stack 2.2 GiB of per-update losses and aux in one program, "
+            r"more than the 1 GiB allowed; use scanfit.fit, which runs them in chunks",
+        ),
+        (
+            dict(epochs=10**7, loss_fn=lambda p, b: (mlp_loss(p, b), jnp.zeros(8)), has_aux=True),
+            ValueError,
+            r"60000000 updates would stack 2.0 GiB of per-update losses and aux",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_python_error(change, error, match):
@@ -430,6 +469,27 @@ def test_bad_input_is_a_clear_python_error(change, error, match):
     args = [kwargs.pop(k) for k in ("loss_fn", "params", "optimizer", "data")]
     with pytest.raises(error, match=match):
         scanfit.scan_train(*args, **kwargs)
+
+
+def test_opt_state_with_wrong_dtypes_names_the_leaf():
+    # An int32 state used to reach lax.scan and fail there with a carry-type error.
+    params, data = _ok()
+    opt = optax.adam(1e-3)
+    wrong = jax.tree.map(lambda a: np.zeros(np.shape(a), np.int32), opt.init(params))
+    with pytest.raises(
+        TypeError,
+        match=r"opt_state\[0\]\.mu\['layers'\]\[0\]\[0\] has dtype int32, but "
+        r"optimizer.init\(params\) gives float32; the scan carry must keep its dtypes",
+    ):
+        scanfit.scan_train(mlp_loss, params, opt, data, opt_state=wrong)
+
+
+def test_opt_state_of_float64_numpy_leaves_is_accepted_as_jit_sees_it():
+    params, data = _ok()
+    opt = optax.sgd(0.1, momentum=0.9)
+    state = jax.tree.map(lambda a: np.asarray(a, np.float64), opt.init(params))
+    res = scanfit.scan_train(mlp_loss, params, opt, data, opt_state=state)
+    assert res.losses.shape == (6,)
 
 
 def test_opt_state_with_wrong_shapes_names_the_leaf():

@@ -132,6 +132,28 @@ def test_sweep_compiles_once_for_all_configs(compilations):
             r"params is an init function: pass seeds=\[\.\.\.\]",
         ),
         (dict(accumulate=4), ValueError, r"accumulate=4 must divide the number of microbatches"),
+        (dict(has_aux="yes"), TypeError, r"has_aux must be True or False, got 'yes' of type str"),
+        (
+            dict(skip_nonfinite="no"),
+            TypeError,
+            r"skip_nonfinite must be True or False, got 'no' of type str",
+        ),
+        (
+            dict(data=(np.ones((0, 5, 3), np.float32), np.ones((0, 5, 2), np.float32))),
+            ValueError,
+            r"data must hold at least one microbatch, got N=0 \(data\[0\] has shape \(0, 5, 3\)\)",
+        ),
+        (
+            dict(data=(np.ones((6, 0, 3), np.float32), np.ones((6, 0, 2), np.float32))),
+            ValueError,
+            r"data\[0\] has shape \(6, 0, 3\): every microbatch is empty",
+        ),
+        (
+            # 1.5e8 updates x 4 bytes: 0.56 GiB for one config, over 1 GiB for both.
+            dict(epochs=25 * 10**6),
+            ValueError,
+            r"150000000 updates x 2 configs would stack 1.1 GiB of per-update losses and aux",
+        ),
     ],
 )
 def test_bad_sweep_input_is_a_clear_error(kwargs, error, match):

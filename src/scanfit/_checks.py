@@ -49,6 +49,23 @@ def check_numeric(name: str, value: Any) -> None:
         )
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise TypeError unless ``value`` is a bool: ``"no"`` is truthy, so it must not pass."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}.")
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+    """Raise ValueError unless a concrete learning rate is positive and finite.
+
+    A traced value (under jit, vmap or grad) cannot be read; it passes unchecked.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not 0 < float(np.asarray(value)) < np.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value}.")
+
+
 def check_scalar(name: str, value: Any) -> None:
     """Raise ValueError unless ``value`` is 0-d (a Python number, NumPy or JAX scalar)."""
     check_numeric(name, value)
@@ -113,15 +130,12 @@ def check_optimizer(optimizer: Any) -> tuple[Any, Any]:
             "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)) or a "
             f"learning rate for plain SGD (a float), got {describe(optimizer)}."
         )
-    if not isinstance(optimizer, jax.core.Tracer) and not (0 < float(optimizer) < np.inf):
-        raise ValueError(
-            f"optimizer as a learning rate must be a positive finite number, got {optimizer}."
-        )
+    check_learning_rate("optimizer as a learning rate", optimizer)
     return None, jax.numpy.asarray(optimizer)
 
 
 def check_data(data: Any) -> int:
-    """Data leaves must be arrays sharing a leading axis N; returns N."""
+    """Data leaves must be non-empty arrays sharing a leading axis N >= 1; returns N."""
     leaves = jax.tree_util.tree_leaves_with_path(data)
     if not leaves:
         raise ValueError(f"data must be a pytree with at least one array, got {data!r}.")
@@ -137,7 +151,24 @@ def check_data(data: Any) -> int:
         raise ValueError(
             f"data leaves must share the leading axis N (microbatches); got shapes {listing}."
         )
-    return sizes.pop()
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError(
+            f"data must hold at least one microbatch, got N=0 (data{_path(leaves[0][0])} has "
+            f"shape {tuple(leaves[0][1].shape)})."
+        )
+    for path, leaf in leaves:
+        if 0 in leaf.shape[1:]:
+            # An empty batch gives a NaN mean loss: a divergence with nothing to fix in lr.
+            raise ValueError(
+                f"data{_path(path)} has shape {tuple(leaf.shape)}: every microbatch is empty "
+                "(an axis of size 0); each needs at least one example."
+            )
+    return n
+
+
+# The carry counts updates in int32 (step, first_nonfinite).
+MAX_UPDATES = 2**31 - 1
 
 
 def check_loop_settings(n: int, *, epochs: Any, accumulate: Any, unroll: Any) -> None:
@@ -152,6 +183,39 @@ def check_loop_settings(n: int, *, epochs: Any, accumulate: Any, unroll: Any) ->
         )
     if not (isinstance(unroll, bool) or (_is_int(unroll) and unroll >= 1)):
         raise ValueError(f"unroll must be an integer >= 1 or a bool, got {unroll!r}.")
+    updates = epochs * (n // accumulate)
+    if updates > MAX_UPDATES:
+        raise ValueError(
+            f"epochs={epochs} over N={n} microbatches (accumulate={accumulate}) makes "
+            f"{updates} updates; at most {MAX_UPDATES} fit the int32 update counter."
+        )
+
+
+def output_bytes(loss_spec: Any, aux_spec: Any) -> int:
+    """Bytes of the per-update outputs (loss and aux) that a scan stacks for each update."""
+    specs = [loss_spec, *jax.tree.leaves(aux_spec)]
+    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs)
+
+
+# scan_train stacks every update's loss and aux in one array: past this, use fit's chunks.
+MAX_STACKED_BYTES = 2**30
+
+
+def check_stacked_outputs(
+    updates: int,
+    per_update: int,
+    *,
+    configs: int = 1,
+    remedy: str = "use scanfit.fit, which runs them in chunks, or fewer epochs",
+) -> None:
+    """Raise ValueError if one program would stack more per-update outputs than fit memory."""
+    total = updates * per_update * configs
+    if total > MAX_STACKED_BYTES:
+        raise ValueError(
+            f"{updates} updates{f' x {configs} configs' if configs > 1 else ''} would stack "
+            f"{total / 2**30:.1f} GiB of per-update losses and aux in one program, more than "
+            f"the {MAX_STACKED_BYTES / 2**30:.0f} GiB allowed; {remedy}."
+        )
 
 
 def check_key(key: Any, name: str = "key") -> Any:
@@ -270,6 +334,14 @@ def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
                 f"opt_state{_path(path)} has shape {tuple(np.shape(got))}, but "
                 f"optimizer.init(params) gives {w.shape}."
             )
+        # As jit will see it: float64 NumPy leaves become float32 without x64.
+        dtype = got.dtype if hasattr(got, "dtype") else np.result_type(got)
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
+        if dtype != w.dtype:
+            raise TypeError(
+                f"opt_state{_path(path)} has dtype {dtype}, but optimizer.init(params) gives "
+                f"{w.dtype}; the scan carry must keep its dtypes. Cast it, or pass None."
+            )
 
 
 def check_train_args(
@@ -287,6 +359,7 @@ def check_train_args(
     model_state=None,
     rng=None,
     extended=False,
+    skip_nonfinite=False,
 ):
     """The checks shared by scan_train, fit and sweep.
 
@@ -294,6 +367,8 @@ def check_train_args(
     optax transformation, or None with ``lr`` the learning rate of plain SGD;
     ``loss_spec`` is check_loss's ``(loss, aux)`` shapes and dtypes.
     """
+    check_bool("has_aux", has_aux)
+    check_bool("skip_nonfinite", skip_nonfinite)
     params = check_params(params)
     optimizer, lr = check_optimizer(optimizer)
     n = check_data(data)

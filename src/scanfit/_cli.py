@@ -1,16 +1,22 @@
 """The ``scanfit`` command: parsing, printing and plotting; training lives in the library.
 
 Bad input prints one line, ``scanfit: error: ...``, and exits with status 2; a
-run that diverges exits with status 1. No traceback reaches the user.
+run that diverges exits with status 1; Ctrl-C exits with status 130 after
+saying where the run stopped. No traceback reaches the user. Sizes are
+checked before anything big is allocated or compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +25,36 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _data, _models
+from scanfit import _checks, _data, _models
 from scanfit._errors import CheckpointMismatchError, DivergenceError
 from scanfit._fit import fit
 from scanfit._linear import _grad, scan_training_step
 from scanfit._sweep import rank, sweep
 
 _DEFAULT_UPDATES = 2000
+# Chunks report progress; past this they would stack needless per-update outputs.
+_MAX_CHUNK_STEPS = 2**16
+_MAX_SEED = 2**31 - 1  # jax.random.key of a vmapped sweep takes int32 seeds
 
 
 class _UsageError(Exception):
     """A bad flag or input: printed as one line, exit status 2."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C during training: printed as one line, exit status 130."""
+
+
+def _memory_budget() -> int:
+    """Bytes a run may plan to use: half of this machine's memory (8 GiB if unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _positive_int(text: str) -> int:
@@ -62,9 +87,35 @@ def _list_of(kind):
 
 def _seed(text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text}") from None
+        value = -1
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {_MAX_SEED}, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a directory name, got ''")
+    return Path(text)
 
 
 def _fraction(text: str) -> float:
@@ -84,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
+        # One line: a bad flag then prints two, not the whole option list.
+        usage="scanfit train [options]  (scanfit train --help lists them)",
         help="train a model on a data file, or the seed problem on built-in data",
         description="Train with scanfit.fit. Without --data: the seed problem, y = true_w * x "
         "+ noise with the scalar model w, and its speed-up over a Python loop of a jitted "
@@ -93,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data",
         type=Path,
-        help=".npz with arrays x and y; .csv with a header, "
-        "target last; .npy 2-D array, target last (memory-mapped)",
+        help=".npz with arrays x and y; .csv with a header row (required: a first row of "
+        "numbers is refused), target last; .npy 2-D array, target last (memory-mapped)",
     )
     data.add_argument(
         "--steps",
@@ -102,8 +155,10 @@ def _parser() -> argparse.ArgumentParser:
         default=20_000,
         help="built-in data only: microbatches N (default 20000)",
     )
-    data.add_argument("--true-w", type=float, default=3.0, help="built-in data: the true w")
-    data.add_argument("--noise", type=float, default=0.1, help="built-in data: noise std")
+    data.add_argument("--true-w", type=_finite_float, default=3.0, help="built-in data: the true w")
+    data.add_argument(
+        "--noise", type=_non_negative_float, default=0.1, help="built-in data: noise std"
+    )
     data.add_argument(
         "--val-fraction",
         type=_fraction,
@@ -166,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     loop.add_argument(
         "--checkpoint-dir",
-        type=Path,
+        type=_directory,
         default=None,
         help="save checkpoints here and resume from them",
     )
@@ -184,22 +239,147 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _optimizer_factory(name: str):
-    factory = getattr(optax, name, None)
-    params = inspect.signature(factory).parameters if callable(factory) else {}
+    """optax.<name>(learning_rate=...), refused unless it trains with that alone.
+
+    A factory with other required arguments (``dpsgd``), or whose ``update``
+    needs more than gradients, state and params (``lbfgs`` wants the loss
+    value), would fail only once traced: it is tried on a scalar here.
+    """
+    known = "sgd, adam, adamw, lamb, lion, rmsprop, adagrad, adabelief, nadam, ..."
+    shown = name if name.isidentifier() else repr(name)
+    with warnings.catch_warnings():  # optax names deprecated aliases on lookup (dpsgd)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        factory = getattr(optax, name, None) if name.isidentifier() else None
+    try:
+        params = inspect.signature(factory).parameters if callable(factory) else {}
+    except (TypeError, ValueError):  # a builtin without a signature: not an optimizer
+        params = {}
+    required = [
+        p
+        for p in params.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if "learning_rate" not in params:
-        known = "sgd, adam, adamw, lamb, lion, rmsprop, adagrad, adabelief, nadam, ..."
         raise _UsageError(
-            f"--optimizer {name}: not an optax optimizer taking a learning rate (try {known})"
+            f"--optimizer {shown}: not an optax optimizer taking a learning rate (try {known})"
         )
+    if [p.name for p in required] not in ([], ["learning_rate"]):
+        raise _UsageError(
+            f"--optimizer {name}: optax.{name} also needs "
+            f"{', '.join(p.name for p in required if p.name != 'learning_rate')}, which "
+            f"scanfit train cannot give (try {known})"
+        )
+    try:
+        opt = factory(learning_rate=1e-3)
+        w = jnp.zeros(2)
+        jax.eval_shape(opt.update, w, opt.init(w), w)
+    except Exception as err:  # noqa: BLE001  any failure means it cannot train here
+        raise _UsageError(
+            f"--optimizer {name}: optax.{name} cannot train with gradients alone "
+            f"({type(err).__name__}); try {known}"
+        ) from None
     return lambda learning_rate: factory(learning_rate=learning_rate)
+
+
+def _check_paths(args) -> None:
+    """Output paths and devices, checked before any data is read or trained on."""
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise _UsageError(f"{flag} {path}: is a directory, give a file name")
+        if not path.parent.is_dir():
+            raise _UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    if args.plot is not None:
+        _check_plot_format(args.plot)
+    ckpt = args.checkpoint_dir
+    if ckpt is not None:
+        if ckpt.exists() and not ckpt.is_dir():
+            raise _UsageError(f"--checkpoint-dir {ckpt}: exists and is not a directory")
+        where = ckpt if ckpt.exists() else next((p for p in ckpt.parents if p.exists()), None)
+        if where is not None and not where.is_dir():
+            raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not a directory")
+        if where is not None and not os.access(where, os.W_OK | os.X_OK):
+            raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not writable")
+    if args.devices is not None and args.devices > jax.local_device_count():
+        raise _UsageError(
+            f"--devices {args.devices}: this machine has {jax.local_device_count()} "
+            f"{jax.default_backend()} device(s)"
+        )
+    if args.devices is not None and args.batch_size % args.devices:
+        raise _UsageError(
+            f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}: "
+            "each device takes an equal share of every batch"
+        )
+
+
+def _check_plot_format(path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib: pip install 'scanfit[plot]'") from None
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise _UsageError(
+            f"--plot {path}: unknown image format {suffix or '(none)'!r}; use one of "
+            f"{', '.join(sorted(formats))}"
+        )
+
+
+# Bytes per row of the built-in data while it is made: x, y and their float64 draws,
+# and the shuffled copies the split makes.
+_SEED_ROW_BYTES = 48
 
 
 def _load(args) -> tuple[_data.Table, bool]:
     if args.data is None:
-        return _data.synthetic_seed(
-            args.steps * args.batch_size * args.accumulate, args.true_w, args.noise, args.seed[0]
-        ), True
+        rows = args.steps * args.batch_size * args.accumulate
+        if rows * _SEED_ROW_BYTES > _memory_budget():
+            raise _UsageError(
+                f"--steps {args.steps} x --batch-size {args.batch_size}"
+                + (f" x --accumulate {args.accumulate}" if args.accumulate > 1 else "")
+                + f" = {rows:,} rows of built-in data need about "
+                f"{_gib(rows * _SEED_ROW_BYTES)}, more than {_gib(_memory_budget())} "
+                "(half this machine's memory)"
+            )
+        _check_updates(args.epochs or 1, args.steps)
+        return _data.synthetic_seed(rows, args.true_w, args.noise, args.seed[0]), True
     return _data.load(args.data), False
+
+
+def _check_updates(epochs: int, updates_per_epoch: int) -> None:
+    total = epochs * updates_per_epoch
+    if total > _checks.MAX_UPDATES:
+        raise _UsageError(
+            f"--epochs {epochs} x {updates_per_epoch} updates per epoch = {total:,} updates, "
+            f"more than the {_checks.MAX_UPDATES:,} one run can count"
+        )
+
+
+def _check_model_size(args, name, task, features, outputs, configs) -> None:
+    """Refuses a model whose training would not fit in memory, before building it."""
+    sizes = [features, *(args.hidden if name == "mlp" else ()), outputs]
+    count = 1 if name == "scalar" else sum(m * n + n for m, n in zip(sizes[:-1], sizes[1:]))
+    # params, gradients and two optimizer moments; activations and their gradients.
+    activations = 2 * args.batch_size * sum(sizes[1:])
+    need = 4 * configs * (4 * count + activations)
+    if need > _memory_budget():
+        why = (
+            f"; its targets make {outputs:,} classes (labels 0 to {outputs - 1:,}): are they "
+            "class labels? Try --task regression"
+            if task == "classification" and outputs > 1000
+            else "; use a smaller --hidden"
+        )
+        raise _UsageError(
+            f"the {name} model ({' -> '.join(f'{n:,}' for n in sizes)}) has {count:,} "
+            f"parameters{f' x {configs} configs' if configs > 1 else ''} and needs about "
+            f"{_gib(need)} to train, more than {_gib(_memory_budget())} (half this "
+            f"machine's memory){why}"
+        )
 
 
 def _time_python_loop(lr: float, x, y, steps: int) -> float:
@@ -248,8 +428,10 @@ def _train(args) -> dict[str, Any]:
     else:
         outputs, y_dtype = 1, np.float32
     lrs = args.lr or [0.005 if name == "scalar" else 0.001]
-    args.optimizer = args.optimizer or ("sgd" if name == "scalar" else "adam")
+    if args.optimizer is None:
+        args.optimizer = "sgd" if name == "scalar" else "adam"
     make_opt = _optimizer_factory(args.optimizer)
+    _check_model_size(args, name, task, features, outputs, len(lrs) * len(args.seed))
     val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if builtin else 0.2)
     split = _data.split(
         table,
@@ -263,6 +445,7 @@ def _train(args) -> dict[str, Any]:
     n = len(split.train[0])
     if args.epochs is None:
         args.epochs = 1 if builtin else max(1, -(-_DEFAULT_UPDATES * args.accumulate // n))
+    _check_updates(args.epochs, n // args.accumulate)
     total = args.epochs * n // args.accumulate
     summary: dict[str, Any] = {
         "data": "built-in seed problem" if builtin else str(args.data),
@@ -282,8 +465,44 @@ def _train(args) -> dict[str, Any]:
                 "--devices and --checkpoint-dir train one configuration; give one "
                 "--lr and one --seed with them"
             )
+        try:  # a sweep is one program: all its float32 losses are stacked at once
+            _checks.check_stacked_outputs(
+                total,
+                4,
+                configs=len(lrs) * len(args.seed),
+                remedy="give fewer --epochs, --lr or --seed values",
+            )
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
         return _sweep(args, model, make_opt, split, lrs, summary)
     return _single(args, model, make_opt(lrs[0]), split, lrs[0], builtin, summary, total)
+
+
+@contextlib.contextmanager
+def _library_errors(args):
+    """fit's and sweep's refusals of what the flags built, and file errors, as one line.
+
+    Ctrl-C becomes ``_Interrupted``, saying where a rerun resumes: ``fit`` saves
+    the last completed chunk and tags the interrupt with its update.
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as err:  # CheckpointMismatchError included
+        raise _UsageError(str(err)) from None
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise _UsageError(f"{err.strerror or err}{where}") from None
+    except KeyboardInterrupt as err:
+        step = getattr(err, "step", 0)
+        if args.checkpoint_dir is not None and step > 0:
+            raise _Interrupted(
+                f"interrupted at update {step}; checkpoint saved in {args.checkpoint_dir}; "
+                "run again to resume"
+            ) from None
+        raise _Interrupted(
+            f"interrupted at update {step}; nothing saved"
+            + ("" if args.checkpoint_dir is not None else " (no --checkpoint-dir)")
+        ) from None
 
 
 def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[str, Any]:
@@ -299,20 +518,21 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
 
     key = jax.random.key(args.seed[0])
     start = time.perf_counter()
-    res = fit(
-        model.loss,
-        model.init(key),
-        optimizer,
-        split.train,
-        epochs=args.epochs,
-        key=key if args.epochs > 1 else None,
-        accumulate=args.accumulate,
-        chunk_steps=args.chunk_steps or max(1, -(-total // 10)),
-        progress=False if args.quiet else None,
-        on_chunk=on_chunk,
-        checkpoint_dir=args.checkpoint_dir,
-        devices=args.devices,
-    )
+    with _library_errors(args):
+        res = fit(
+            model.loss,
+            model.init(key),
+            optimizer,
+            split.train,
+            epochs=args.epochs,
+            key=key if args.epochs > 1 else None,
+            accumulate=args.accumulate,
+            chunk_steps=args.chunk_steps or min(max(1, -(-total // 10)), _MAX_CHUNK_STEPS),
+            progress=False if args.quiet else None,
+            on_chunk=on_chunk,
+            checkpoint_dir=args.checkpoint_dir,
+            devices=args.devices,
+        )
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)
     summary.update(
@@ -338,17 +558,18 @@ def _sweep(args, model, make_opt, split, lrs, summary) -> dict[str, Any]:
         "seed": np.tile(np.asarray(args.seed), len(lrs)),
     }
     start = time.perf_counter()
-    res = sweep(
-        model.loss,
-        model.init,
-        make_opt,
-        split.train,
-        {"learning_rate": grid["learning_rate"]},
-        seeds=grid["seed"],
-        epochs=args.epochs,
-        accumulate=args.accumulate,
-    )
-    jax.block_until_ready(res.losses)
+    with _library_errors(args):
+        res = sweep(
+            model.loss,
+            model.init,
+            make_opt,
+            split.train,
+            {"learning_rate": grid["learning_rate"]},
+            seeds=grid["seed"],
+            epochs=args.epochs,
+            accumulate=args.accumulate,
+        )
+        jax.block_until_ready(res.losses)
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)
     scores = None
@@ -471,8 +692,14 @@ def _write_json(path: Path, summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``scanfit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0: done; 1: training diverged; 2: bad input (argparse exits with 2 itself);
+    130: interrupted by Ctrl-C.
+    """
     args = _parser().parse_args(argv)
     try:
+        _check_paths(args)
         summary = _train(args)
         if not args.quiet:
             _print(summary)
@@ -481,13 +708,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, summary)
     except (_UsageError, _data.DataError, CheckpointMismatchError) as err:
-        print(f"scanfit: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, 2)
+    except MemoryError:
+        return _fail("out of memory; use a smaller --batch-size, --hidden or --steps", 2)
     except DivergenceError as err:
-        print(
-            f"scanfit: error: training diverged at update {err.step}; lower --lr (now "
-            f"{args.lr[0] if args.lr else 'the default'}) or try another --optimizer",
-            file=sys.stderr,
+        lr = args.lr[0] if args.lr else "the default"
+        return _fail(
+            f"training diverged at update {err.step}; lower --lr (now {lr}) or try another "
+            "--optimizer",
+            1,
         )
-        return 1
+    except _Interrupted as err:
+        print(f"scanfit: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside training: nothing to save
+        print("scanfit: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _fail(message, code: int) -> int:
+    print(f"scanfit: error: {message}", file=sys.stderr)
+    return code

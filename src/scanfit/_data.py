@@ -27,13 +27,22 @@ def synthetic_seed(rows: int, true_w: float, noise: float, seed: int) -> Table:
     """The seed problem's data: y = true_w * x + N(0, noise^2), one feature."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, 1)).astype(np.float32)
-    y = (true_w * x[:, 0] + noise * rng.normal(size=rows)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        y = (true_w * x[:, 0] + noise * rng.normal(size=rows)).astype(np.float32)
+    if not np.isfinite(y).all():
+        raise DataError(
+            f"--true-w {true_w} and --noise {noise} overflow float32 in the built-in data"
+        )
     return Table(x, y)
 
 
 def load(path: str | Path) -> Table:
     """Reads ``.npz`` (arrays ``x`` and ``y``), ``.csv`` (a header row; the last column is
-    the target) or ``.npy`` (a 2-D array, last column the target, memory-mapped)."""
+    the target) or ``.npy`` (a 2-D array, last column the target, memory-mapped).
+
+    A CSV whose first row is all numbers has no header: it is refused rather than
+    read as one, which would drop a row of data. Blank CSV lines are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
@@ -66,6 +75,10 @@ def _load_npz(path: Path) -> Table:
                 "x=..., y=...)"
             )
         x, y = f["x"], f["y"]
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(
+            f"--data {path}: x and y must be arrays of rows, got shapes {x.shape} and {y.shape}"
+        )
     return Table(x.reshape(len(x), -1) if x.ndim != 2 else x, y)
 
 
@@ -81,21 +94,28 @@ def _load_npy(path: Path) -> Table:
 
 def _load_csv(path: Path) -> Table:
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        # Blank lines (a trailing newline too many) are not rows; keep file line numbers.
+        rows = [(i, row) for i, row in enumerate(csv.reader(f), start=1) if row]
     if len(rows) < 2:
         raise DataError(f"--data {path}: needs a header row and at least one data row")
-    header, body = rows[0], rows[1:]
+    (_, header), body = rows[0], rows[1:]
     if len(header) < 2:
         raise DataError(f"--data {path}: needs at least two columns (features, then the target)")
+    if all(_is_number(cell) for cell in header):
+        # Read as a header, a first row of data would silently be lost.
+        raise DataError(
+            f"--data {path}: the first row ({','.join(header)[:40]}) is all numbers, not a "
+            "header; add a header row naming the columns (the target last)"
+        )
     values = np.empty((len(body), len(header)), np.float64)
-    for i, row in enumerate(body, start=2):
+    for r, (i, row) in enumerate(body):
         if len(row) != len(header):
             raise DataError(
                 f"--data {path}: line {i} has {len(row)} cells, the header has {len(header)}"
             )
         for j, cell in enumerate(row):
             try:
-                values[i - 2, j] = float(cell)
+                values[r, j] = float(cell)
             except ValueError:
                 raise DataError(
                     f"--data {path}: line {i}, column {header[j]!r}: {cell!r} is not a number"
@@ -103,6 +123,14 @@ def _load_csv(path: Path) -> Table:
     x = values[:, :-1].astype(np.float32)
     y = values[:, -1]
     return Table(x, y.astype(np.int64) if _integral(y) else y.astype(np.float32))
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def _integral(y: np.ndarray) -> bool:
@@ -113,6 +141,8 @@ def _checked(path: Path, table: Table) -> Table:
     x, y = table
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise DataError(f"--data {path}: x and y must be numeric, got {x.dtype} and {y.dtype}")
+    if np.iscomplexobj(x) or np.iscomplexobj(y):
+        raise DataError(f"--data {path}: x and y must be real numbers, got {x.dtype} and {y.dtype}")
     if y.ndim != 1:
         raise DataError(f"--data {path}: y must be 1-D (one target per row), got shape {y.shape}")
     if len(x) != len(y):

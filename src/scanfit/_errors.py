@@ -6,11 +6,11 @@ from typing import Any
 
 
 class DivergenceError(FloatingPointError):
-    """Training produced a non-finite loss or parameters.
+    """Training produced a non-finite loss, parameters or optimizer state.
 
     Attributes:
       step: index (0-based, counted over the whole run) of the first update
-        whose loss or new parameters were non-finite.
+        whose loss, new parameters or new optimizer state were non-finite.
       state: the last good state, before update ``step``: a ``TrainResult``
         whose ``losses`` cover updates ``0 .. step - 1``.
     """

@@ -25,7 +25,15 @@ import optax
 
 from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
 from scanfit._errors import CheckpointMismatchError, DivergenceError
-from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
+from scanfit._loop import (
+    PyTree,
+    TrainResult,
+    TrainState,
+    epoch_order,
+    finite_per_update,
+    init_state,
+    run_chunk,
+)
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
@@ -33,6 +41,8 @@ _chunk = jax.jit(run_chunk, static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
 _chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("state",))
+# After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
+_finite_per_update = jax.jit(finite_per_update, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")
@@ -72,7 +82,7 @@ class _Flight(NamedTuple):
     start: int  # updates done before it
     count: int  # updates in it
     inputs: Any  # (data, idx) it ran on
-    outputs: Any  # (new_state, losses, aux, params_finite), device futures
+    outputs: Any  # (new_state, losses, aux, state_finite), device futures
 
 
 class _Source:
@@ -186,6 +196,22 @@ def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
         return jax.random.wrap_key_data(x, impl=jax.random.key_impl(old)) if _is_key(old) else x
 
     return jax.tree.map(restore, like, tree)
+# Without chunk_steps a chunk holds at most this many updates and this many bytes of
+# per-update outputs: a run of 10**9 updates must neither compile as one program nor
+# stack gigabytes of losses on the device before it reports anything.
+_DEFAULT_CHUNK_STEPS = 2**16
+_DEFAULT_CHUNK_OUTPUT_BYTES = 64 * 2**20
+
+
+def _chunk_size(chunk_steps, checkpoint_every, total: int, per_update_bytes: int) -> int:
+    """Updates per compiled call: ``chunk_steps``, else a bounded default (see fit)."""
+    if chunk_steps is not None:
+        _checks.check_stacked_outputs(
+            min(chunk_steps, total), per_update_bytes, remedy="pass a smaller chunk_steps"
+        )
+        return min(chunk_steps, total)
+    bound = min(_DEFAULT_CHUNK_STEPS, _DEFAULT_CHUNK_OUTPUT_BYTES // max(1, per_update_bytes))
+    return max(1, min(total, checkpoint_every or bound, bound))
 
 
 def _check_fit_settings(
@@ -195,16 +221,25 @@ def _check_fit_settings(
     checkpoint_every,
     keep,
     nan_policy,
+    skip_nonfinite,
     on_chunk,
     progress,
-) -> None:
+    resume,
+) -> str:
+    """Checks fit's own settings; returns the nan policy in force."""
     for name, value in (("chunk_steps", chunk_steps), ("checkpoint_every", checkpoint_every)):
         if value is not None and (not _checks._is_int(value) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
     if not _checks._is_int(keep) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1 (checkpoints kept), got {keep!r}.")
-    if nan_policy not in NAN_POLICIES:
+    if nan_policy is not None and nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+    if skip_nonfinite and nan_policy not in (None, "skip"):
+        raise ValueError(
+            f"skip_nonfinite=True contradicts nan_policy={nan_policy!r}: skipping means "
+            "nan_policy='skip'; pass one of them."
+        )
+    _checks.check_bool("resume", resume)
     if on_chunk is not None and not callable(on_chunk):
         raise TypeError(f"on_chunk must be callable as on_chunk(info) or None, got {on_chunk!r}.")
     if progress is not None and not isinstance(progress, bool):
@@ -217,6 +252,9 @@ def _check_fit_settings(
         and not Path(checkpoint_dir).is_dir()
     ):
         raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} exists and is not a directory.")
+    if skip_nonfinite:
+        return "skip"
+    return nan_policy or "raise"
 
 
 class _History:
@@ -266,7 +304,7 @@ def fit(
     checkpoint_every: int | None = None,
     keep: int = 3,
     resume: bool = True,
-    nan_policy: str = "raise",
+    nan_policy: str | None = None,
     mesh: Any = None,
     devices: Any = None,
 ) -> TrainResult:
@@ -286,7 +324,9 @@ def fit(
         device one chunk at a time, the next chunk's transfer overlapping the
         current chunk's compute).
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
-        if given, else the whole run in one call.
+        if given, else the whole run in one call, in both cases at most
+        65,536 updates and 64 MiB of per-update losses and aux per call (so
+        a run of 10**9 updates reports and checkpoints as it goes).
       progress: a progress bar (rich, on stderr) updated after each chunk;
         ``None``: on when stderr is a terminal.
       on_chunk: called as ``on_chunk(info: ChunkInfo)`` after each chunk;
@@ -296,12 +336,16 @@ def fit(
       checkpoint_every: save when at least this many updates have passed
         since the last save; ``None``: after every chunk.
       keep: how many of the newest checkpoints to keep.
-      resume: continue from the newest valid checkpoint in ``checkpoint_dir``.
+      resume: continue from the newest valid checkpoint in ``checkpoint_dir``
+        (a bool).
         A checkpoint of another run (other tree, shapes or data) is an error.
-      nan_policy: ``"raise"``: after a chunk with a non-finite loss, gradient
-        or params, raise ``DivergenceError`` with the exact first bad update
-        and the last good state (also checkpointed); ``"skip"``: skip such
-        updates (``skip_nonfinite=True`` means the same); ``"ignore"``: go on.
+      nan_policy: ``"raise"`` (what ``None`` means, unless
+        ``skip_nonfinite=True``): after a chunk with a non-finite loss,
+        params or optimizer state, raise ``DivergenceError`` with the exact
+        first bad update and the last good state (also checkpointed);
+        ``"skip"``: skip such updates (``skip_nonfinite=True`` means the same;
+        with any other policy it is a contradiction, a ValueError);
+        ``"ignore"``: go on.
         Under ``"raise"`` the carry is not donated, so each chunk is
         dispatched before the host checks the one before it: the device does
         not wait on the host's checks, progress and checkpoints. (A chunk
@@ -327,8 +371,13 @@ def fit(
       DivergenceError: ``nan_policy="raise"`` and training diverged.
       scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
         belongs to another run.
-      ValueError, TypeError: bad arguments, as for ``scan_train``.
-      KeyboardInterrupt: re-raised after saving the last completed chunk.
+      ValueError, TypeError: bad arguments, as for ``scan_train`` (which
+        also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
+        with a ``nan_policy`` other than ``"skip"``; ``resume`` or
+        ``progress`` not a bool; a ``chunk_steps`` whose per-update outputs
+        would exceed 1 GiB.
+      KeyboardInterrupt: re-raised after saving the last completed chunk; its
+        ``step`` attribute is the update that saved state reached.
     """
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
@@ -349,24 +398,27 @@ def fit(
         model_state=model_state,
         rng=rng,
         extended=model.extended,
+        skip_nonfinite=skip_nonfinite,
     )
-    _check_fit_settings(
+    policy = _check_fit_settings(
         chunk_steps=chunk_steps,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         keep=keep,
         nan_policy=nan_policy,
+        skip_nonfinite=skip_nonfinite,
         on_chunk=on_chunk,
         progress=progress,
+        resume=resume,
     )
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
         _parallel.check_batch(data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
-    policy = "skip" if skip_nonfinite else nan_policy
     per_epoch = n // accumulate
     total = epochs * per_epoch
-    chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
+    per_update_bytes = _checks.output_bytes(loss_spec, aux_spec)
+    chunk = _chunk_size(chunk_steps, checkpoint_every, total, per_update_bytes)
     source = _Source(data, key, n, accumulate, mesh)
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
@@ -418,8 +470,7 @@ def fit(
             keep,
         )
 
-    run = functools.partial(
-        _chunk if policy == "raise" else _chunk_donating,
+    static = dict(
         loss_fn=loss_fn,
         optimizer=optimizer,
         accumulate=accumulate,
@@ -429,6 +480,8 @@ def fit(
         extended=model.extended,
         rng=rng,
     )
+    run = functools.partial(_chunk if policy == "raise" else _chunk_donating, **static)
+    search = functools.partial(_finite_per_update, **static)
     # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
     # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
     # idle while the host checks, reports and checkpoints. It costs a third copy of the
@@ -455,20 +508,15 @@ def fit(
                 nxt = flight.start + flight.count
                 # The next chunk's transfer starts before this chunk is waited on.
                 inputs = next_inputs(nxt)
-                new_state, losses, aux, params_finite = flight.outputs
+                new_state, losses, aux, state_finite = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
-                losses, aux, bad, params_finite, skipped = _host(
-                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped)
+                losses, aux, bad, state_finite, skipped = _host(
+                    (losses, aux, new_state.first_nonfinite, state_finite, new_state.skipped)
                 )
                 bad, skipped = int(bad), int(skipped)
-                if policy == "raise" and bad < 0 and not bool(params_finite):
-                    bad = nxt  # the last update's loss was finite, its new params are not
-                if policy == "raise" and bad >= 0:
-                    err = _divergence(
-                        run, flight.state, flight.inputs, flight.start, bad, history, save,
-                        losses, ckpt_dir,
-                    )  # fmt: skip
+                if policy == "raise" and (bad >= 0 or not bool(state_finite)):
+                    err = _divergence(run, search, flight, history, save, losses, ckpt_dir)
                     err.state = model.finish(err.state)
                     raise err
                 state, step, flight = new_state, nxt, None
@@ -499,17 +547,18 @@ def fit(
                 if ahead is None and inputs is not None:
                     ahead = launch(state, step, inputs)
                 flight = ahead
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if flight is not None:  # the chunk waited on: keep it if it completes cleanly
-                new_state, losses, aux, params_finite = flight.outputs
+                new_state, losses, aux, state_finite = flight.outputs
                 clean = policy != "raise" or (
-                    _int(new_state.first_nonfinite) < 0 and bool(_host(params_finite))
+                    _int(new_state.first_nonfinite) < 0 and bool(_host(state_finite))
                 )
                 if clean:
                     state = new_state
                     history.add(losses, aux)
             if _int(state.step) > last_saved:
                 save(state)
+            interrupt.step = _int(state.step)  # where a rerun resumes (the CLI says so)
             raise
     if policy == "skip" and total and _int(state.skipped) == total:
         warnings.warn(
@@ -595,37 +644,36 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
     return restored, _History(losses, aux)
 
 
-def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckpt_dir):
-    """Re-runs the chunk from its start up to the bad update to recover the last good state.
+def _divergence(run, search, flight: _Flight, history, save, losses, ckpt_dir):
+    """Finds the chunk's first bad update and rebuilds the last good state before it.
 
-    ``bad`` is the first update with a non-finite loss (or one past the chunk if
-    only the final params are non-finite). The loop checks losses only, so if
-    the params before ``bad`` are already non-finite, the culprit is an earlier
-    update whose loss was still finite: step back until the state is finite.
+    The loop checks only losses per update and the whole state once per chunk,
+    so the culprit may be any update of the chunk (a param the loss ignores
+    can go non-finite long before the loss does). One re-run of the chunk
+    flags every update; a second, cut before the first bad one, gives the
+    last good state: two compilations at most, whatever the chunk length.
     """
-    data, idx = inputs
-    while True:
-        good_count = bad - start
-        if good_count == 0:
-            good_state, good_losses, good_aux = start_state, losses[:0], None
-            break
-        cut = lambda a, n=good_count: a[:n]  # noqa: E731
-        good_state, good_losses, good_aux, params_finite = run(
-            state=start_state,
-            data=jax.tree.map(cut, data) if idx is None else data,
-            idx=None if idx is None else cut(idx),
+    data, idx = flight.inputs
+    ok = np.asarray(_host(search(state=flight.state, data=data, idx=idx)))
+    # Every update flagged finite cannot happen on a deterministic device; keep a sane cut.
+    bad = flight.start + (int(np.argmin(ok)) if not ok.all() else flight.count - 1)
+    good_count = bad - flight.start
+    if good_count == 0:
+        good_state = flight.state
+    else:
+        # Cut by index on the host: slicing device arrays would compile once per leaf.
+        # A chunk's own microbatches (idx None) are rows 0..C-1 of it, whatever accumulate.
+        rows = np.arange(good_count) if idx is None else np.asarray(idx)[:good_count]
+        good_state, good_losses, good_aux, _ = run(
+            state=flight.state, data=data, idx=jax.device_put(rows.astype(np.int32))
         )
-        if bool(_host(params_finite)):
-            break
-        bad -= 1
-    if good_count:
         history.add(good_losses, good_aux)
     save(good_state)
     where = f" and saved in {str(ckpt_dir)!r}" if ckpt_dir is not None else ""
-    loss = float(losses[bad - start]) if bad - start < len(losses) else float("nan")
+    loss = float(losses[good_count])
     return DivergenceError(
-        f"training diverged at update {bad}: its loss was {loss} and/or its new params were "
-        f"non-finite. The last good state, before update {bad}, is "
+        f"training diverged at update {bad}: its loss was {loss} and/or its new params or "
+        f"optimizer state were non-finite. The last good state, before update {bad}, is "
         f"attached as .state{where}. Lower the learning rate, clip gradients "
         "(optax.clip_by_global_norm), or pass nan_policy='skip' to skip such updates.",
         step=bad,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scanfit._checks import check_numeric, check_scalar, describe
+from scanfit._checks import check_learning_rate, check_numeric, check_scalar, describe
 
 
 def _loss(w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -54,8 +54,9 @@ def scan_training_step(w, lr, x_batches, y_batches) -> jax.Array:
       ``w`` unchanged.
 
     Raises:
-      ValueError: ``w`` or ``lr`` is not a scalar; ``x_batches`` or
-        ``y_batches`` is not 2-D; their shapes differ.
+      ValueError: ``w`` or ``lr`` is not a scalar; ``lr`` is not positive
+        and finite (checked unless traced); ``x_batches`` or ``y_batches``
+        is not 2-D; their shapes differ.
       TypeError: an argument is not numeric.
 
     Example:
@@ -72,6 +73,7 @@ def scan_training_step(w, lr, x_batches, y_batches) -> jax.Array:
     )
     check_scalar("w", w)
     check_scalar("lr", lr)
+    check_learning_rate("lr", lr)
     for name, value in (("x_batches", x_batches), ("y_batches", y_batches)):
         check_numeric(name, value)
         if np.ndim(value) != 2:

@@ -241,9 +241,10 @@ def run_chunk(
     update i gathers microbatches ``idx[i]`` from ``data`` (leaves (N, ...));
     with ``idx=None``, ``data`` already holds the chunk's microbatches, leaves
     (C, accumulate, ...), or (C, ...) without accumulation.
-    Returns ``(state, losses, aux, params_finite)``: the last is a scalar bool
-    computed in the graph, once per chunk, so the host reads one flag instead
-    of walking the params (and model state).
+    Returns ``(state, losses, aux, state_finite)``: the last is a scalar bool,
+    all of the params, optimizer state and model state finite, computed in the graph once
+    per chunk, so the host reads one flag instead of walking the state. (An
+    infinite Adam ``nu`` leaves params finite but frozen: it must count.)
     """
     update = make_update(
         loss_fn,
@@ -258,7 +259,47 @@ def run_chunk(
         state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
     else:
         state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
-    return state, losses, aux, _all_finite((state.params, state.model_state))
+    return state, losses, aux, _all_finite((state.params, state.opt_state, state.model_state))
+
+
+def finite_per_update(
+    loss_fn,
+    optimizer,
+    state: TrainState,
+    data: PyTree,
+    idx,
+    rng=None,
+    *,
+    accumulate: int,
+    has_aux: bool,
+    unroll: int,
+    skip_nonfinite: bool,
+    extended: bool = False,
+) -> jax.Array:
+    """Re-runs a chunk as ``run_chunk`` does, recording which updates stayed finite.
+
+    Returns a bool array of shape (C,): update i's loss, new params and new
+    optimizer state all finite. For the host's divergence search only: the
+    per-update walk over the state is what ``run_chunk`` avoids.
+    """
+    update = make_update(
+        loss_fn,
+        optimizer,
+        accumulate=accumulate,
+        has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
+        extended=extended,
+        rng=rng,
+    )
+
+    def body(state, microbatches):
+        state, (loss, _) = update(state, microbatches)
+        finite = _all_finite((state.params, state.opt_state, state.model_state))
+        return state, jnp.isfinite(loss) & finite
+
+    if idx is None:
+        return lax.scan(body, state, data, unroll=unroll)[1]
+    return lax.scan(gathering(body, data), state, idx, unroll=unroll)[1]
 
 
 def train(
@@ -421,7 +462,7 @@ def scan_train(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
     )  # fmt: skip
-    params, optimizer, lr, _, key, _ = _checks.check_train_args(
+    params, optimizer, lr, n, key, loss_spec = _checks.check_train_args(
         model.loss_fn,
         model.params,
         optimizer,
@@ -432,10 +473,12 @@ def scan_train(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
         model_state=model.model_state,
         rng=rng,
         extended=model.extended,
     )
+    _checks.check_stacked_outputs(epochs * (n // accumulate), _checks.output_bytes(*loss_spec))
     result = _scan_train_jit(
         model.loss_fn,
         params,

@@ -154,6 +154,10 @@ def sweep(
       A ``TrainResult`` whose leaves have a leading axis K: ``losses`` has
       shape ``(K, updates)``. ``rank`` orders the configs.
 
+    Raises:
+      ValueError, TypeError: bad arguments, as for ``scan_train``; the
+        1 GiB bound on stacked per-update outputs counts all K configs.
+
     Example:
       >>> import jax.numpy as jnp, optax, scanfit
       >>> x = jnp.linspace(-1, 1, 64).reshape(8, 8)
@@ -165,7 +169,7 @@ def sweep(
       >>> [r["lr"] for r in scanfit.rank(res, {"lr": [0.01, 0.1, 1.0]})]
       [1.0, 0.1, 0.01]
     """
-    _check_hparams(hparams, seeds)
+    configs = _check_hparams(hparams, seeds)
     if not callable(make_optimizer):
         raise TypeError(
             "make_optimizer must be callable as make_optimizer(**hparams) -> optax optimizer, "
@@ -197,7 +201,7 @@ def sweep(
     example_params = jax.eval_shape(init, keys[0]) if init is not None else params
     if init is not None:
         example_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example_params)
-    _checks.check_train_args(
+    _, _, _, n, _, loss_spec = _checks.check_train_args(
         loss_fn,
         example_params,
         example_opt,
@@ -208,9 +212,13 @@ def sweep(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
         model_state=model_state,
         rng=rng,
         extended=model.extended,
+    )
+    _checks.check_stacked_outputs(
+        epochs * (n // accumulate), _checks.output_bytes(*loss_spec), configs=configs
     )
     if _checks.check_optimizer(example_opt)[0] is None:
         raise TypeError(
