@@ -24,15 +24,18 @@ import numpy as np
 import optax
 
 from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
+from scanfit._conv import canonical_convs
 from scanfit._errors import CheckpointMismatchError, DivergenceError
 from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
-_chunk = jax.jit(run_chunk, static_argnames=_STATIC)
+_chunk = jax.jit(canonical_convs(run_chunk), static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
-_chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("state",))
+_chunk_donating = jax.jit(
+    canonical_convs(run_chunk), static_argnames=_STATIC, donate_argnames=("state",)
+)
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")
