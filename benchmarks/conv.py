@@ -8,8 +8,9 @@ Workloads, on scikit-learn's 8x8 digits (standardised, batch 32, float32, adamw(
 2. nchw: the same layers written channels-first with lax.conv (NCHW / OIHW), pure JAX.
 
 Rows, all training the same loss on the same microbatches in the same order:
-- scan_train / fit: scanfit as shipped (NNX models in the functional form
-  ``graphdef, params = nnx.split(model, nnx.Param)``);
+- scan_train / fit: scanfit as shipped, the NNX model in the functional form
+  ``graphdef, params = nnx.split(model, nnx.Param)`` (like the jit loop), and
+  scan_train given the NNX module as it is;
 - scan without the rewrite: scanfit's own program compiled without canonical_convs,
   i.e. what XLA:CPU makes of convolutions in a loop body (jax-ml/jax#12868);
 - jit loop: a Python loop of a ``jax.jit`` step (optax);
@@ -162,6 +163,16 @@ def jit_loop(params, loss, data, epochs: int, opt):
     return once
 
 
+def nnx_module_row(data, epochs: int, opt):
+    """scan_train given the module itself; it keeps training across repetitions."""
+    model = nnx_cnn()
+
+    def loss(m, batch):
+        return xent(m(batch[0]), batch[1])
+
+    return lambda: scanfit.scan_train(loss, model, opt, data, epochs=epochs).losses
+
+
 def nnx_loop(data, epochs: int, opt):
     """The NNX tutorial's training loop; the model keeps training across repetitions."""
     from flax import nnx
@@ -228,6 +239,7 @@ def workload_rows(name: str, data, epochs: int) -> tuple[dict, dict]:
     params, loss = nnx_functional(nnx_cnn())
     rows = {
         **scanfit_rows(params, loss, data, epochs, opt),
+        "scan_train, NNX module as is": nnx_module_row(data, epochs, opt),
         "jit loop": jit_loop(params, loss, data, epochs, opt),
         "NNX loop": nnx_loop(data, epochs, opt),
     }
