@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
+from scanfit._conv import canonical_convs
 from scanfit._errors import CheckpointMismatchError, DivergenceError
 from scanfit._loop import (
     PyTree,
@@ -37,12 +38,14 @@ from scanfit._loop import (
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
-_chunk = jax.jit(run_chunk, static_argnames=_STATIC)
+_chunk = jax.jit(canonical_convs(run_chunk), static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
-_chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("state",))
+_chunk_donating = jax.jit(
+    canonical_convs(run_chunk), static_argnames=_STATIC, donate_argnames=("state",)
+)
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
-_finite_per_update = jax.jit(finite_per_update, static_argnames=_STATIC)
+_finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")

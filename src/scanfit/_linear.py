@@ -8,6 +8,7 @@ import numpy as np
 from jax import lax
 
 from scanfit._checks import check_learning_rate, check_numeric, check_scalar, describe
+from scanfit._conv import canonical_convs
 
 
 def _loss(w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -18,6 +19,7 @@ _grad = jax.grad(_loss)
 
 
 @jax.jit
+@canonical_convs  # no conv in this loss; kept so every scanfit program goes through it
 def _scan_sgd(w: jax.Array, lr: jax.Array, x_batches: jax.Array, y_batches: jax.Array):
     # Promote inside the trace: casting outside costs four dispatches (~100 us) per call,
     # a fifth of the whole run at N=1e4, B=32.

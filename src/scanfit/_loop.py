@@ -18,6 +18,7 @@ import optax
 from jax import lax
 
 from scanfit import _adapters, _checks
+from scanfit._conv import canonical_convs
 
 PyTree = Any
 
@@ -364,6 +365,7 @@ _STATIC = (
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+@canonical_convs  # the jit's body, so that convs inside the scan run Eigen's kernel on CPU
 def _scan_train_jit(loss_fn, params, optimizer, lr, data, opt_state, key, model_state, rng, **kw):
     if optimizer is None:  # a float learning rate: plain SGD, lr traced so a new value
         optimizer = optax.sgd(lr)  # does not compile again

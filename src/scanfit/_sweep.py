@@ -12,6 +12,7 @@ import numpy as np
 
 from scanfit import _adapters, _checks
 from scanfit._checks import describe
+from scanfit._conv import canonical_convs
 from scanfit._loop import PyTree, TrainResult, train
 
 
@@ -77,6 +78,7 @@ _STATIC = (
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+@canonical_convs  # around the vmap: it sees the batched convs vmap makes
 def _sweep_jit(
     loss_fn,
     init,
