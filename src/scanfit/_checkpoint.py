@@ -77,6 +77,14 @@ def write(directory: Path, step: int, trees: dict[str, Any], meta: dict[str, Any
     arrays: dict[str, np.ndarray] = {}
     for name, tree in trees.items():
         arrays.update(_flatten(name, tree))
+    return write_arrays(directory, step, arrays, meta)
+
+
+def write_arrays(
+    directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
+    """``write`` for arrays already flat, keyed as they are stored."""
+    arrays = dict(arrays)
     sums = {k: [a.dtype.name, list(a.shape), _checksum(a)] for k, a in arrays.items()}
     text = json.dumps({**meta, "step": step, "arrays": sums})
     arrays[_META] = np.asarray(text)
