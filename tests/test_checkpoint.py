@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -619,3 +620,46 @@ def test_a_read_only_directory_is_found_before_training(tmpfs):
     ) as err:
         train(tmpfs, epochs=2, on_chunk=calls.append)
     assert calls == [] and err.value.errno == errno.EROFS and err.value.state is None
+
+
+def _two_processes(out: Path) -> list[str]:
+    """Runs tests/_dist_worker.py as processes 0 and 1 (one run trained together)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "_dist_worker.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(pid), str(port), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    return outputs
+
+
+def test_two_processes_resume_from_process_0s_checkpoints(tmp_path):
+    # Each process fingerprints its own share of the data; the digest combines all shares,
+    # so process 1 agrees with the checkpoint process 0 wrote (else it would raise alone,
+    # and process 0 would wait for it forever).
+    _two_processes(tmp_path)
+    with np.load(tmp_path / "result.npz") as f:
+        first = {k: f[k] for k in f.files}
+    (tmp_path / "result.npz").unlink()
+    final = _checkpoint.path_for(tmp_path / "ckpt", 48)
+    written = final.stat().st_mtime_ns
+    _two_processes(tmp_path)  # resumes from the final checkpoint: nothing left to train
+    assert final.stat().st_mtime_ns == written
+    with np.load(tmp_path / "result.npz") as f:
+        for k in first:
+            np.testing.assert_array_equal(f[k], first[k])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -144,7 +145,7 @@ class _Source:
 def _fingerprint_of(loss_fn, optimizer, state, data, **entries) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
     run's other inputs and settings, by name."""
-    return _fingerprint.fingerprint(
+    fingerprint = _fingerprint.fingerprint(
         program=_update_program(
             loss_fn, optimizer, state, data, entries["accumulate"], entries["has_aux"]
         ),
@@ -153,6 +154,13 @@ def _fingerprint_of(loss_fn, optimizer, state, data, **entries) -> dict[str, Any
         data=data,
         **entries,
     )
+    if jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(bytes.fromhex(fingerprint["data"]["sha256"]), np.uint8)
+        every = np.asarray(multihost_utils.process_allgather(mine))
+        fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
+    return fingerprint
 
 
 def _update_program(loss_fn, optimizer, state, data, accumulate, has_aux) -> str:
