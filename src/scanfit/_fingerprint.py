@@ -12,6 +12,10 @@ A fingerprint is a JSON-able dict with one entry per named input of the run:
   ``fit`` call and only when it checkpoints.
 - settings (``accumulate``, ``has_aux``, ...): plain JSON values.
 
+``epochs`` is not an entry: update ``u`` of a run depends on the epoch it falls
+in, never on how many epochs follow, so a longer run continues a shorter one
+bitwise (a checkpoint past the end of a shorter run is refused by ``fit``).
+
 Adding an input is one more keyword: ``fingerprint(program=..., rng=key, ...)``;
 give it a human name in ``DESCRIPTIONS`` for error messages. Nothing here
 touches files: it hashes what it is given and compares two fingerprints.
@@ -36,6 +40,8 @@ DESCRIPTIONS = {
     "accumulate": "accumulate",
     "has_aux": "has_aux",
     "nan_policy": "the non-finite policy (nan_policy, skip_nonfinite)",
+    "model_state": "the initial model state",
+    "rng": "the rng (dropout and other randomness)",
 }
 
 _BLOCK = 16 * 2**20  # bytes hashed at a time: a memmap is read in pieces, not all at once
