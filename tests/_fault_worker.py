@@ -1,6 +1,6 @@
 """A training run for the fault tests, started as a subprocess and killed with SIGKILL.
 
-Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N]
+Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N] [--stateful]
 
 With --kill-in-save N the process SIGKILLs itself halfway through writing its
 N-th checkpoint (after part of the temporary file is on disk), a crash at the
@@ -36,8 +36,14 @@ def problem():
     return loss, params, (x, y)
 
 
-def train(checkpoint_dir, on_chunk=None):
+def train(checkpoint_dir, on_chunk=None, stateful=False):
     loss, params, data = problem()
+    extended = {}
+    if stateful:
+        from _stateful_problem import problem as stateful_problem
+
+        loss, params, state, data = stateful_problem(n=N, batch=B, features=D, seed=1234)
+        extended = dict(model_state=state, rng=jax.random.key(11))
     return scanfit.fit(
         loss,
         params,
@@ -51,6 +57,7 @@ def train(checkpoint_dir, on_chunk=None):
         keep=2,
         progress=False,
         on_chunk=on_chunk,
+        **extended,
     )
 
 
@@ -71,12 +78,13 @@ def main() -> None:
             real_savez(f, **arrays)
 
         np.savez = dying_savez
-    res = train(ckpt, on_chunk=lambda info: time.sleep(0.05))
+    res = train(ckpt, on_chunk=lambda info: time.sleep(0.05), stateful="--stateful" in sys.argv)
     np.savez(
         out,
         losses=np.asarray(res.losses),
         w=np.asarray(res.params["w"]),
         b=np.asarray(res.params["b"]),
+        **({} if res.model_state is None else {"mean": np.asarray(res.model_state["mean"])}),
     )
 
 

@@ -52,6 +52,7 @@ def make_problem(seed=0):
 
 PARAMS, DATA = make_problem()
 ADAM = optax.adam(1e-3)
+_PLAIN = {"accumulate": 1, "has_aux": False, "extended": False}  # _update_program's settings
 
 
 def train(ckpt, *, loss=mse, params=PARAMS, opt=ADAM, data=DATA, **kw):
@@ -175,9 +176,10 @@ def test_program_digest_ignores_function_names():
     def loss_b(p, batch):
         return mse(p, batch)
 
-    state = _fit._fresh_state(PARAMS, None, optimizer=ADAM)
+    state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
     texts = [
-        _fit._update_program(jax.jit(f), ADAM, state, DATA, 1, False) for f in (loss_a, loss_b)
+        _fit._update_program(jax.jit(f), ADAM, state, DATA, None, **_PLAIN)
+        for f in (loss_a, loss_b)
     ]
     assert "@loss_a" in texts[0] and "@loss_b" in texts[1]
     assert _fingerprint.program_digest(texts[0]) == _fingerprint.program_digest(texts[1])
@@ -189,16 +191,16 @@ _DIGEST_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import test_checkpoint as t
     from scanfit import _fingerprint, _fit
-    state = _fit._fresh_state(t.PARAMS, None, optimizer=t.ADAM)
+    state = _fit._fresh_state(t.PARAMS, None, None, optimizer=t.ADAM)
     print(_fingerprint.program_digest(
-        _fit._update_program(t.mse, t.ADAM, state, t.DATA, 1, False)))
+        _fit._update_program(t.mse, t.ADAM, state, t.DATA, None, **t._PLAIN)))
     """
 )
 
 
 def test_program_digest_is_the_same_in_another_process():
-    state = _fit._fresh_state(PARAMS, None, optimizer=ADAM)
-    here = _fingerprint.program_digest(_fit._update_program(mse, ADAM, state, DATA, 1, False))
+    state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
+    here = _fingerprint.program_digest(_fit._update_program(mse, ADAM, state, DATA, None, **_PLAIN))
     script = _DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -408,23 +408,27 @@ def _run_worker(ckpt, out, *extra, kill_after_checkpoints=None):
     return proc
 
 
-def _uninterrupted(tmp_path):
-    return _fault_worker.train(tmp_path / "reference")
+def _uninterrupted(tmp_path, stateful=False):
+    return _fault_worker.train(tmp_path / "reference", stateful=stateful)
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("stateful", [False, True])
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, stateful):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
-    proc = _run_worker(ckpt, out, kill_after_checkpoints=14)
+    extra = ["--stateful"] if stateful else []
+    proc = _run_worker(ckpt, out, *extra, kill_after_checkpoints=14)
     assert proc.returncode == -signal.SIGKILL and not out.exists()
     killed_at = max(s for s, _ in _checkpoint.list_checkpoints(ckpt))
     assert 14 <= killed_at < 240
-    proc = _run_worker(ckpt, out)
+    proc = _run_worker(ckpt, out, *extra)
     assert proc.returncode == 0, proc.stderr_text
-    want = _uninterrupted(tmp_path)
+    want = _uninterrupted(tmp_path, stateful)
     with np.load(out) as got:
         np.testing.assert_array_equal(got["losses"], want.losses)
         np.testing.assert_array_equal(got["w"], want.params["w"])
         np.testing.assert_array_equal(got["b"], want.params["b"])
+        if stateful:
+            np.testing.assert_array_equal(got["mean"], want.model_state["mean"])
 
 
 def test_sigkill_during_a_save_then_resume_equals_uninterrupted(tmp_path):
@@ -687,3 +691,101 @@ def test_user_files_in_checkpoint_dir_are_left_alone(problem, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert (tmp_path / "ckpt-7.npz").exists()
     assert os.listdir(tmp_path).count("ckpt-0000000020.npz") == 1
+
+
+# --- Model state and randomness (the extended form, framework modules, bf16) ----------------
+
+from _stateful_problem import problem as stateful_problem  # noqa: E402
+
+
+def assert_same_state(a, b):
+    assert_same(a, b)
+    jax.tree.map(np.testing.assert_array_equal, a.model_state, b.model_state)
+
+
+@pytest.mark.parametrize("chunk, accumulate", [(5, 1), (7, 2), (48, 3)])
+def test_model_state_and_rng_chunked_equal_scan_train_bitwise(chunk, accumulate):
+    loss, params, state, data = stateful_problem()
+    kwargs = dict(
+        model_state=state, rng=jax.random.key(4), epochs=2, key=jax.random.key(2),
+        accumulate=accumulate,
+    )  # fmt: skip
+    want = scanfit.scan_train(loss, params, optax.adam(0.01), data, **kwargs)
+    got = scanfit.fit(
+        loss, params, optax.adam(0.01), data, chunk_steps=chunk, progress=False, **kwargs
+    )
+    assert_same_state(got, want)
+
+
+def test_model_state_resumes_bitwise_from_a_checkpoint(tmp_path):
+    loss, params, state, data = stateful_problem()
+    kwargs = dict(
+        model_state=state, rng=jax.random.key(4), epochs=2, key=jax.random.key(2), chunk_steps=6,
+        progress=False,
+    )  # fmt: skip
+    full = scanfit.fit(loss, params, optax.adam(0.01), data, **kwargs)
+    stop = lambda info: info.step < 18  # noqa: E731
+    scanfit.fit(
+        loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, on_chunk=stop, **kwargs
+    )
+    resumed = scanfit.fit(loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, **kwargs)
+    assert_same_state(resumed, full)
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"the rng \(dropout and other randomness\): same shapes, other contents",
+    ):
+        kwargs["rng"] = jax.random.key(5)
+        scanfit.fit(loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, **kwargs)
+
+
+def test_nnx_module_through_fit_resumes_bitwise_with_its_rng_streams(tmp_path):
+    nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
+    from test_adapters import NNXNet, digits_like, nnx_loss
+
+    data, tx = digits_like(20), optax.adam(1e-2)
+    kwargs = dict(epochs=2, key=jax.random.key(0), chunk_steps=5, progress=False)
+    full_model = NNXNet(nnx.Rngs(0, dropout=1))
+    full = scanfit.fit(nnx_loss, full_model, tx, data, **kwargs)
+    stop = lambda info: info.step < 15  # noqa: E731
+    model = NNXNet(nnx.Rngs(0, dropout=1))
+    scanfit.fit(nnx_loss, model, tx, data, checkpoint_dir=tmp_path, on_chunk=stop, **kwargs)
+    model = NNXNet(nnx.Rngs(0, dropout=1))  # a fresh module, as after a crash
+    resumed = scanfit.fit(nnx_loss, model, tx, data, checkpoint_dir=tmp_path, **kwargs)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    _, got = nnx.split(model)
+    _, want = nnx.split(full_model)
+    same = lambda a, b: np.testing.assert_array_equal(  # noqa: E731
+        *(jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+          for v in (a, b))
+    )  # fmt: skip
+    jax.tree.map(same, got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_and_moments_checkpoint_and_resume_bitwise(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 8, 3)).astype(dtype)
+    y = x @ np.asarray([1.0, -2.0, 0.5], dtype)
+    params = {"w": jnp.zeros(3, dtype)}
+
+    def loss(p, b):
+        return jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+
+    opt = optax.adam(0.05, mu_dtype=dtype)
+    kwargs = dict(chunk_steps=6, progress=False)
+    full = scanfit.fit(loss, params, opt, (x, y), **kwargs)
+    stop = lambda info: info.step < 12  # noqa: E731
+    scanfit.fit(loss, params, opt, (x, y), checkpoint_dir=tmp_path, on_chunk=stop, **kwargs)
+    resumed = scanfit.fit(loss, params, opt, (x, y), checkpoint_dir=tmp_path, **kwargs)
+    assert resumed.params["w"].dtype == dtype and resumed.opt_state[0].mu["w"].dtype == dtype
+    assert_same(resumed, full)
+
+
+def test_a_run_whose_every_update_is_skipped_says_so():
+    def loss(p, b):
+        return jnp.sum(p * b) / 0.0  # inf at every update
+
+    with pytest.warns(RuntimeWarning, match=r"every update of this run \(6 of 6\) was skipped"):
+        res = scanfit.fit(loss, jnp.ones(()), 0.1, jnp.ones((6, 1)), nan_policy="skip",
+                          progress=False)  # fmt: skip
+    assert int(res.skipped) == 6

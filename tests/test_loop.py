@@ -404,15 +404,16 @@ def _ok():
         (
             dict(has_aux=True),
             ValueError,
-            r"with has_aux=True, loss_fn must return a pair \(loss, aux\), got ArrayImpl|"
-            r"with has_aux=True, loss_fn must return a pair \(loss, aux\), got ShapeDtypeStruct",
+            r"with has_aux=True, loss_fn must return a pair \(loss, aux\), got an array of "
+            r"shape \(\) and dtype float32",
         ),
         (dict(loss_fn="mse"), TypeError, r"loss_fn must be callable as loss_fn\(params, batch\)"),
         (
             dict(params={"w": np.ones(3, np.int32)}),
             TypeError,
-            r"params\['w'\] must be a floating array \(gradients need floats\), got an array of "
-            r"shape \(3,\) and dtype int32",
+            r"params\['w'\] must be a floating array \(the optimizer trains every leaf of "
+            r"params\), got an array of shape \(3,\) and dtype int32. State that is not trained "
+            r"\(counters, RNG keys, batch statistics\) goes in model_state=",
         ),
         (dict(params={}), ValueError, r"params must be a pytree with at least one array"),
         (
@@ -441,3 +442,183 @@ def test_opt_state_with_wrong_shapes_names_the_leaf():
         r"\(3, 4, 1\), but optimizer.init\(params\) gives \(3, 4\)",
     ):
         scanfit.scan_train(mlp_loss, params, opt, data, opt_state=wrong)
+
+
+# --- The extended form: model state and per-microbatch randomness --------------------------
+
+from _stateful_problem import loss as stateful_loss  # noqa: E402
+from _stateful_problem import loss_with_aux as stateful_loss_aux  # noqa: E402
+from _stateful_problem import problem as stateful_problem  # noqa: E402
+
+
+def extended_reference(loss_fn, params, opt, data, model_state, rng, *, epochs, key, k, has_aux):
+    """The documented rules as a Python loop of jitted steps: microbatch m of the run gets
+    fold_in(rng, m); the state threads through every microbatch in order; an update is the
+    mean gradient of k consecutive microbatches (in the epoch's order when shuffled)."""
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    opt_state, n, m, losses = opt.init(params), len(jax.tree.leaves(data)[0]), 0, []
+    for e in range(epochs):
+        order = np.arange(n) if key is None else np.asarray(scanfit._loop.epoch_order(key, e, n))
+        for u in range(n // k):
+            total = None
+            for j in range(k):
+                batch = jax.tree.map(lambda a, i=order[u * k + j]: a[i], data)
+                sub = None if rng is None else jax.random.fold_in(rng, m)
+                (loss, rest), g = grad(params, model_state, batch, sub)
+                model_state = rest[0] if has_aux else rest
+                m += 1
+                total = (loss, g) if total is None else jax.tree.map(jnp.add, total, (loss, g))
+            loss, g = jax.tree.map(lambda a: a / k, total)
+            updates, opt_state = opt.update(g, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            losses.append(loss)
+    return params, model_state, np.asarray(losses)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_extended_form_equals_a_loop_of_the_documented_rules(x64, accumulate, shuffle, has_aux):
+    _, params, model_state, data = stateful_problem(n=12, dtype=np.float64, seed=11)
+    fn = stateful_loss_aux if has_aux else stateful_loss
+    key = jax.random.key(3) if shuffle else None
+    rng = jax.random.key(int(np.random.default_rng().integers(1 << 30)))  # fresh masks
+    opt = optax.adam(0.05)
+    res = scanfit.scan_train(
+        fn, params, opt, data, model_state=model_state, rng=rng, epochs=2, key=key,
+        accumulate=accumulate, has_aux=has_aux,
+    )  # fmt: skip
+    want_params, want_state, want_losses = extended_reference(
+        fn, params, opt, data, model_state, rng, epochs=2, key=key, k=accumulate,
+        has_aux=has_aux,
+    )  # fmt: skip
+    np.testing.assert_allclose(res.losses, want_losses, rtol=1e-12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), res.params, want_params)
+    np.testing.assert_allclose(res.model_state["mean"], want_state["mean"], rtol=1e-12)
+    assert int(res.model_state["count"]) == 2 * 12 == int(want_state["count"])
+    if has_aux:  # aux is averaged over an update's microbatches, as for the plain form
+        np.testing.assert_allclose(res.aux["sqrt_loss"].shape, (24 // accumulate,))
+
+
+def test_every_update_draws_a_new_mask_and_the_state_advances():
+    def loss(params, state, batch, rng):
+        mask = jax.random.bernoulli(rng, 0.5, (64,))
+        return jnp.sum(params * batch), {"masks": state["masks"] + mask, "n": state["n"] + 1}
+
+    state = {"masks": jnp.zeros(64), "n": jnp.zeros((), jnp.int32)}
+    res = scanfit.scan_train(
+        loss, jnp.zeros(()), 0.1, jnp.ones((40, 1)), model_state=state, rng=jax.random.key(0)
+    )
+    counts = np.asarray(res.model_state["masks"])
+    assert int(res.model_state["n"]) == 40
+    assert 0 < counts.min() and counts.max() < 40  # no element kept or dropped every time
+
+
+def test_rng_alone_passes_none_as_state_and_state_alone_passes_none_as_rng():
+    seen = {}
+
+    def loss(params, state, batch, rng):
+        seen["state"], seen["rng"] = state, rng
+        return jnp.sum(params * batch), state
+
+    scanfit.scan_train(loss, jnp.zeros(()), 0.1, jnp.ones((3, 1)), rng=jax.random.key(0))
+    assert seen["state"] is None and seen["rng"] is not None
+    scanfit.scan_train(loss, jnp.zeros(()), 0.1, jnp.ones((3, 1)), model_state=jnp.zeros(2))
+    assert seen["rng"] is None and seen["state"].shape == (2,)
+
+
+def test_skipped_updates_leave_the_model_state_unchanged():
+    def loss(params, state, batch, rng):
+        return jnp.sum(params * batch) / batch[0], state + 1.0  # batch[0] == 0: inf
+
+    data = jnp.array([[1.0], [0.0], [1.0]])
+    res = scanfit.scan_train(
+        loss, jnp.ones(()), 0.1, data, model_state=jnp.zeros(()), skip_nonfinite=True
+    )
+    assert int(res.skipped) == 1 and float(res.model_state) == 2.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_low_precision_params_train_like_a_jitted_loop(dtype):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(30, 8, 3)), dtype)
+    y = x @ jnp.asarray([1.0, -2.0, 0.5], dtype)
+    params = {"w": jnp.zeros(3, dtype)}
+
+    def loss(p, b):
+        return jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+
+    opt = optax.adam(0.05, mu_dtype=dtype)
+    res = scanfit.scan_train(loss, params, opt, (x, y))
+    assert res.params["w"].dtype == dtype and res.opt_state[0].mu["w"].dtype == dtype
+    p, s = params, opt.init(params)
+    step = jax.jit(lambda p, s, b: (lambda g: opt.update(g, s, p))(jax.grad(loss)(p, b)))
+    for i in range(30):
+        u, s = step(p, s, (x[i], y[i]))
+        p = optax.apply_updates(p, u)
+    # The two programs fuse differently, so a rounding may differ by an ulp of the dtype,
+    # which Adam then carries: 8 ulps of relative slack.
+    np.testing.assert_allclose(
+        np.asarray(res.params["w"], np.float32),
+        np.asarray(p["w"], np.float32),
+        rtol=8 * float(jnp.finfo(dtype).eps),
+    )
+    assert float(res.losses[-1]) < 0.2 * float(res.losses[0])
+
+
+def _state_loss(params, state, batch, rng):
+    return jnp.sum(params * batch), state
+
+
+@pytest.mark.parametrize(
+    "loss_fn, kwargs, error, match",
+    [
+        (
+            lambda p, s, b, r: jnp.sum(p * b),
+            dict(model_state=jnp.zeros(2)),
+            ValueError,
+            r"in the extended form loss_fn must return \(loss, new_model_state\), got an array",
+        ),
+        (
+            lambda p, s, b, r: (jnp.sum(p * b), (s, 1.0, 2.0)),
+            dict(model_state=jnp.zeros(2), has_aux=True),
+            ValueError,
+            r"with has_aux=True, loss_fn must return \(loss, \(new_model_state, aux\)\), got a "
+            r"tuple of length 3",
+        ),
+        (
+            lambda p, s, b, r: (jnp.sum(p * b), {"s": s}),
+            dict(model_state=jnp.zeros(2)),
+            ValueError,
+            r"loss_fn must return the new model_state with the structure of model_state",
+        ),
+        (
+            lambda p, s, b, r: (jnp.sum(p * b), s.astype(jnp.int32)),
+            dict(model_state=jnp.zeros(2)),
+            ValueError,
+            r"loss_fn returned model_state with shape \(2,\) and dtype int32, but it came in "
+            r"with shape \(2,\) and dtype float32",
+        ),
+        (
+            _state_loss,
+            dict(rng=3),
+            TypeError,
+            r"rng must be a PRNG key, e.g. jax.random.key\(0\), or None, got 3",
+        ),
+        (
+            _state_loss,
+            dict(model_state={"f": "relu"}),
+            TypeError,
+            r"model_state\['f'\] must be an array, got 'relu' of type str",
+        ),
+        (
+            lambda p, b: jnp.sum(p * b),
+            dict(rng=jax.random.key(0)),
+            TypeError,
+            r"takes 2 positional arguments but 4 were given",
+        ),
+    ],
+)
+def test_extended_form_errors_are_clear(loss_fn, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        scanfit.scan_train(loss_fn, jnp.zeros(()), 0.1, jnp.ones((3, 1)), **kwargs)

@@ -177,3 +177,16 @@ def test_two_processes_train_together_like_one(tmp_path):
         np.testing.assert_allclose(got["w"], one.params["w"], rtol=RTOL, atol=1e-6)
     # Process 0 alone wrote the checkpoints.
     assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == 48
+
+
+def test_model_state_on_two_devices_equals_one_device():
+    """Batch statistics over the global batch and dropout masks as one device draws them."""
+    from _stateful_problem import problem as stateful_problem
+
+    loss, params, state, data = stateful_problem()
+    kwargs = dict(model_state=state, rng=jax.random.key(3))
+    one = adam_fit(loss, params, data, **kwargs)
+    two = adam_fit(loss, params, data, devices=2, **kwargs)
+    assert_close(two, one)
+    np.testing.assert_allclose(two.model_state["mean"], one.model_state["mean"], rtol=RTOL)
+    assert int(two.model_state["count"]) == int(one.model_state["count"]) == 48

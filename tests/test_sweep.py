@@ -147,3 +147,45 @@ def test_bad_sweep_input_is_a_clear_error(kwargs, error, match):
     positional = [args.pop(k) for k in ("loss_fn", "params", "make_optimizer", "data", "hparams")]
     with pytest.raises(error, match=match):
         scanfit.sweep(*positional, **args)
+
+
+def test_sweep_with_seeds_and_model_state_equals_single_runs(x64):
+    from _stateful_problem import problem
+
+    loss, params, state, data = problem(n=10, dtype=np.float64)
+    hp, seeds, rng = {"learning_rate": np.array([0.01, 0.05, 0.2])}, [3, 9, 4], jax.random.key(8)
+    res = scanfit.sweep(
+        loss, params, lambda learning_rate: optax.adam(learning_rate), data, hp, seeds=seeds,
+        model_state=state, rng=rng, epochs=2,
+    )  # fmt: skip
+    assert res.model_state["mean"].shape == (3, 6)
+    for i, seed in enumerate(seeds):
+        one = scanfit.scan_train(
+            loss, params, optax.adam(hp["learning_rate"][i]), data, model_state=state,
+            rng=jax.random.fold_in(rng, seed), key=jax.random.split(jax.random.key(seed))[1],
+            epochs=2,
+        )  # fmt: skip
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-12)
+        np.testing.assert_allclose(res.params["w"][i], one.params["w"], rtol=1e-12)
+        np.testing.assert_allclose(res.model_state["mean"][i], one.model_state["mean"], rtol=1e-12)
+        assert int(res.model_state["count"][i]) == 20
+
+
+def test_sweep_of_an_nnx_module_keeps_one_state_per_config():
+    nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
+    from test_adapters import NNXNet, digits_like, nnx_loss
+
+    model = NNXNet(nnx.Rngs(0, dropout=1))
+    lrs = [1e-3, 1e-2]
+    res = scanfit.sweep(nnx_loss, model, lambda lr: optax.adam(lr), digits_like(8), {"lr": lrs})
+    for i, lr in enumerate(lrs):
+        one = scanfit.scan_train(nnx_loss, NNXNet(nnx.Rngs(0, dropout=1)), optax.adam(lr),
+                                 digits_like(8))  # fmt: skip
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-5)
+        np.testing.assert_allclose(
+            res.model_state["bn"]["mean"][...][i],
+            one.model_state["bn"]["mean"][...],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert int(model.drop.rngs.count[...]) == 0  # the module passed in is left as it was

@@ -9,6 +9,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -21,7 +22,19 @@ def describe(value: Any) -> str:
         return f"an array of shape {tuple(shape)} and dtype {dtype}"
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of length {len(value)}"
-    return f"{value!r} of type {type(value).__name__}"
+    text = repr(value)
+    if len(text) > 80:  # a model or a train state would fill the screen
+        text = text[:60] + " ... " + text[-15:]
+    return f"{text} of type {type(value).__name__}"
+
+
+def pair(out: Any, need: str) -> tuple[Any, Any]:
+    """``out`` as a 2-tuple, or a ValueError saying ``need`` and what was returned."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        sequence = isinstance(out, (tuple, list))
+        got = f"a {type(out).__name__} of length {len(out)}" if sequence else describe(out)
+        raise ValueError(f"{need}, got {got}.")
+    return out[0], out[1]
 
 
 def check_numeric(name: str, value: Any) -> None:
@@ -51,21 +64,38 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _inexact(leaf: Any) -> bool:
+    """A floating (or complex) array of any width: bfloat16, float16, float32, float64."""
+    dtype = getattr(leaf, "dtype", None)
+    try:
+        return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
+    except TypeError:  # a dtype JAX does not know
+        return False
+
+
 def check_params(params: Any) -> Any:
     """Params must be a non-empty pytree of floating arrays; Python numbers become arrays."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     if not leaves:
-        raise ValueError(f"params must be a pytree with at least one array, got {params!r}.")
+        raise ValueError(
+            f"params must be a pytree with at least one array, got {describe(params)}."
+        )
     for path, leaf in leaves:
-        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else None
-        if isinstance(leaf, float):
+        if isinstance(leaf, float) or _inexact(leaf):
             continue
-        if dtype is None or not np.issubdtype(dtype, np.inexact):
+        if getattr(leaf, "dtype", None) is not None:
             raise TypeError(
-                f"params{_path(path)} must be a floating array (gradients need floats), "
-                f"got {describe(leaf)}. Cast it, e.g. jnp.asarray(x, jnp.float32)."
+                f"params{_path(path)} must be a floating array (the optimizer trains every "
+                f"leaf of params), got {describe(leaf)}. State that is not trained (counters, "
+                "RNG keys, batch statistics) goes in model_state= with the extended loss "
+                "form loss_fn(params, model_state, batch, rng); a Flax NNX or Equinox module "
+                "can be passed as params as it is."
             )
-    return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, float) else x, params)
+        raise TypeError(
+            f"params{_path(path)} must be a floating array, got {describe(leaf)}. Cast it, "
+            "e.g. jnp.asarray(x, jnp.float32), or close over it in loss_fn."
+        )
+    return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, float) else x, params)
 
 
 def check_optimizer(optimizer: Any) -> tuple[Any, Any]:
@@ -124,7 +154,7 @@ def check_loop_settings(n: int, *, epochs: Any, accumulate: Any, unroll: Any) ->
         raise ValueError(f"unroll must be an integer >= 1 or a bool, got {unroll!r}.")
 
 
-def check_key(key: Any) -> Any:
+def check_key(key: Any, name: str = "key") -> Any:
     """None, a typed key (``jax.random.key``) or a raw uint32[2] key (``jax.random.PRNGKey``)."""
     if key is None:
         return None
@@ -136,31 +166,47 @@ def check_key(key: Any) -> Any:
     )
     if not (typed or raw):
         raise TypeError(
-            f"key must be a PRNG key, e.g. jax.random.key(0), or None, got {describe(key)}."
+            f"{name} must be a PRNG key, e.g. jax.random.key(0), or None, got {describe(key)}."
         )
     return key
 
 
-def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> tuple[Any, Any]:
-    """Traces loss_fn abstractly on one microbatch to check it returns a scalar.
+def _spec(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
+
+
+def check_loss(
+    loss_fn: Any,
+    params: Any,
+    data: Any,
+    *,
+    has_aux: bool,
+    extended: bool = False,
+    model_state: Any = None,
+    rng: Any = None,
+) -> tuple[Any, Any]:
+    """Traces loss_fn abstractly on one microbatch to check what it returns.
 
     Returns the shapes and dtypes of ``(loss, aux)``; aux is None without has_aux.
     """
+    form = "loss_fn(params, model_state, batch, rng)" if extended else "loss_fn(params, batch)"
     if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be callable as loss_fn(params, batch), got {describe(loss_fn)}."
-        )
+        raise TypeError(f"loss_fn must be callable as {form}, got {describe(loss_fn)}.")
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data)
-    out = jax.eval_shape(loss_fn, params, batch)
     aux = None
-    if has_aux:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise ValueError(
-                "with has_aux=True, loss_fn must return a pair (loss, aux), got "
-                f"{type(out).__name__}."
-            )
-        out, aux = out
-    elif isinstance(out, (tuple, list)):
+    if extended:
+        key = None if rng is None else jax.eval_shape(lambda k: jax.random.fold_in(k, 0), rng)
+        out = jax.eval_shape(loss_fn, params, _spec(model_state), batch, key)
+        want = "(loss, (new_model_state, aux))" if has_aux else "(loss, new_model_state)"
+        out, new_state = pair(out, f"in the extended form loss_fn must return {want}")
+        if has_aux:
+            new_state, aux = pair(new_state, f"with has_aux=True, loss_fn must return {want}")
+        _check_new_state(model_state, new_state)
+    else:
+        out = jax.eval_shape(loss_fn, params, batch)
+        if has_aux:
+            out, aux = pair(out, "with has_aux=True, loss_fn must return a pair (loss, aux)")
+    if not has_aux and isinstance(out, (tuple, list)):
         raise ValueError(
             f"loss_fn returned a {type(out).__name__}, not a scalar; if it returns "
             "(loss, aux), pass has_aux=True."
@@ -170,9 +216,40 @@ def check_loss(loss_fn: Any, params: Any, data: Any, *, has_aux: bool) -> tuple[
             f"loss_fn must return a scalar loss (shape ()), got {describe(out)}; "
             "reduce it over the batch, e.g. with jnp.mean."
         )
-    if not np.issubdtype(np.dtype(out.dtype), np.floating):
+    if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"loss_fn must return a floating loss, got dtype {out.dtype}.")
     return out, aux
+
+
+def _check_new_state(model_state: Any, new_state: Any) -> None:
+    """The state loss_fn returns must be carried again: same structure, shapes and dtypes."""
+    want, got = jax.tree.structure(model_state), jax.tree.structure(new_state)
+    if want != got:
+        raise ValueError(
+            "loss_fn must return the new model_state with the structure of model_state: "
+            f"expected {want}, got {got}."
+        )
+    pairs = zip(jax.tree_util.tree_leaves_with_path(model_state), jax.tree.leaves(new_state))
+    for (path, old), new in pairs:
+        old_spec = (tuple(np.shape(old)), jnp.result_type(old))
+        if old_spec != (tuple(new.shape), new.dtype):
+            where = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"loss_fn returned model_state{where} with shape {tuple(new.shape)} and "
+                f"dtype {new.dtype}, but it came in with shape {old_spec[0]} and dtype "
+                f"{old_spec[1]}: the state is carried from update to update, so both must match."
+            )
+
+
+def check_model_state(model_state: Any) -> Any:
+    """Model state: any pytree of arrays (Python numbers become arrays), or None."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model_state):
+        if not (hasattr(leaf, "dtype") or isinstance(leaf, (int, float, bool))):
+            raise TypeError(
+                f"model_state{_path(path)} must be an array, got {describe(leaf)}; close over "
+                "values that are not arrays in loss_fn."
+            )
+    return jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), model_state)
 
 
 def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
@@ -196,7 +273,20 @@ def check_opt_state(opt_state: Any, optimizer: Any, params: Any) -> None:
 
 
 def check_train_args(
-    loss_fn, params, optimizer, data, *, opt_state, epochs, key, accumulate, unroll, has_aux
+    loss_fn,
+    params,
+    optimizer,
+    data,
+    *,
+    opt_state,
+    epochs,
+    key,
+    accumulate,
+    unroll,
+    has_aux,
+    model_state=None,
+    rng=None,
+    extended=False,
 ):
     """The checks shared by scan_train, fit and sweep.
 
@@ -209,7 +299,16 @@ def check_train_args(
     n = check_data(data)
     check_loop_settings(n, epochs=epochs, accumulate=accumulate, unroll=unroll)
     key = check_key(key)
-    loss_spec = check_loss(loss_fn, params, data, has_aux=has_aux)
+    check_key(rng, "rng")
+    loss_spec = check_loss(
+        loss_fn,
+        params,
+        data,
+        has_aux=has_aux,
+        extended=extended,
+        model_state=model_state,
+        rng=rng,
+    )
     if opt_state is not None:
         check_opt_state(opt_state, optimizer or optax.sgd(lr), params)
     return params, optimizer, lr, n, key, loss_spec

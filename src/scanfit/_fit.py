@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,12 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checkpoint, _checkpoint_dir, _checks, _fingerprint, _parallel, _progress
+from scanfit import (
+    _adapters,
+    _checkpoint,
+    _checkpoint_dir,
+    _checks,
+    _fingerprint,
+    _parallel,
+    _progress,
+)
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError, DivergenceError
 from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
 
 NAN_POLICIES = ("raise", "skip", "ignore")
-_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite")
+_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
 _chunk = jax.jit(run_chunk, static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
@@ -36,13 +45,13 @@ _chunk_donating = jax.jit(run_chunk, static_argnames=_STATIC, donate_argnames=("
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")
-def _fresh_state(params: PyTree, opt_state: PyTree, optimizer) -> TrainState:
+def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer) -> TrainState:
     """The initial carry in new device buffers (donating it must never delete the caller's
     arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
     dispatch per leaf."""
     if opt_state is None:
         opt_state = optimizer.init(params)
-    return jax.tree.map(jnp.copy, init_state(params, opt_state))
+    return jax.tree.map(jnp.copy, init_state(params, opt_state, model_state))
 
 
 # Dispatching chunk k+1 ahead holds one more copy of the carry; above this size (big
@@ -142,15 +151,19 @@ class _Source:
         return jax.device_put(chunk), None
 
 
-def _fingerprint_of(loss_fn, optimizer, state, data, **entries) -> dict[str, Any]:
+def _fingerprint_of(loss_fn, optimizer, state, data, *, extended, **entries) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
-    run's other inputs and settings, by name."""
+    run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
+    them)."""
+    program = _update_program(
+        loss_fn, optimizer, state, data, entries["rng"],
+        accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
+    )  # fmt: skip
     fingerprint = _fingerprint.fingerprint(
-        program=_update_program(
-            loss_fn, optimizer, state, data, entries["accumulate"], entries["has_aux"]
-        ),
+        program=program,
         params=_host(state.params),
         opt_state=_host(state.opt_state),
+        model_state=_host(_keys_as_data(state.model_state)),
         data=data,
         **entries,
     )
@@ -163,13 +176,14 @@ def _fingerprint_of(loss_fn, optimizer, state, data, **entries) -> dict[str, Any
     return fingerprint
 
 
-def _update_program(loss_fn, optimizer, state, data, accumulate, has_aux) -> str:
+def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
     """The text of one update as fit compiles it: the loss, the optimizer and every
     hyper-parameter they close over. Lowered on abstract values of one update's
     microbatches, so where the data lives and how long the run is leave it unchanged;
     non-finite handling is left out (it is a fingerprint entry of its own)."""
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
-    lead = (1, accumulate) if accumulate > 1 else (1,)
+    k = settings["accumulate"]
+    lead = (1, k) if k > 1 else (1,)
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype), data)
     return _chunk.lower(
         loss_fn=loss_fn,
@@ -177,11 +191,29 @@ def _update_program(loss_fn, optimizer, state, data, accumulate, has_aux) -> str
         state=jax.tree.map(spec, state),
         data=one,
         idx=None,
-        accumulate=accumulate,
-        has_aux=has_aux,
+        rng=rng,
         unroll=1,
         skip_nonfinite=False,
+        **settings,
     ).as_text()
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys (e.g. in an NNX module's RNG streams) as their uint32 data, for saving."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
+    """The inverse of _keys_as_data, with each key's implementation taken from ``like``."""
+
+    def restore(old, x):
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(old)) if _is_key(old) else x
+
+    return jax.tree.map(restore, like, tree)
 
 
 def _check_fit_settings(
@@ -236,6 +268,7 @@ class _History:
             jax.device_put(aux),
             state.skipped,
             state.first_nonfinite,
+            state.model_state,
         )
 
 
@@ -252,6 +285,8 @@ def fit(
     has_aux: bool = False,
     unroll: int = 1,
     skip_nonfinite: bool = False,
+    model_state: PyTree = None,
+    rng: jax.Array | None = None,
     chunk_steps: int | None = None,
     progress: bool | None = None,
     on_chunk: Callable[[ChunkInfo], Any] | None = None,
@@ -270,7 +305,10 @@ def fit(
 
     Args:
       loss_fn, params, optimizer, data, opt_state, epochs, key, accumulate,
-        has_aux, unroll, skip_nonfinite: as for ``scan_train``. ``data``
+        has_aux, unroll, skip_nonfinite, model_state, rng: as for
+        ``scan_train`` (Flax NNX and Equinox modules included; the model
+        state is checkpointed and resumed with the params, and replicated
+        over ``mesh``, where batch statistics are those of the global batch). ``data``
         leaves may be JAX arrays (kept on the device) or NumPy arrays,
         ``np.load(..., mmap_mode="r")`` memmaps included (streamed to the
         device one chunk at a time, the next chunk's transfer overlapping the
@@ -294,9 +332,10 @@ def fit(
       resume: continue from the newest sound checkpoint in ``checkpoint_dir``.
         It must be this run's: its fingerprint covers the update program (the
         loss and the optimizer with every setting, e.g. the learning rate),
-        the initial params and optimizer state, every byte of ``data``,
-        ``key``, ``accumulate``, ``has_aux``, and the non-finite policy once an
-        update was non-finite. A difference raises ``CheckpointMismatchError``
+        the initial params, optimizer state and model state, every byte of
+        ``data``, ``key``, ``rng``, ``accumulate``, ``has_aux``, and the
+        non-finite policy (``"raise"`` and ``"ignore"`` count as one until an
+        update is non-finite). A difference raises ``CheckpointMismatchError``
         naming it. ``epochs`` may differ: the run goes on to its new end.
         Fingerprinting hashes all the data once per call (about 0.8 s per GiB
         here) and lowers one update; it is done only with ``checkpoint_dir``.
@@ -340,9 +379,14 @@ def fit(
       ValueError, TypeError: bad arguments, as for ``scan_train``.
       KeyboardInterrupt: re-raised after saving the last completed chunk.
     """
+    model = _adapters.adapt(
+        loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
+        has_aux=has_aux,
+    )  # fmt: skip
+    loss_fn, model_state = model.loss_fn, model.model_state
     params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
         loss_fn,
-        params,
+        model.params,
         optimizer,
         data,
         opt_state=opt_state,
@@ -351,6 +395,9 @@ def fit(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        model_state=model_state,
+        rng=rng,
+        extended=model.extended,
     )
     _check_fit_settings(
         chunk_steps=chunk_steps,
@@ -372,7 +419,7 @@ def fit(
     source = _Source(data, key, n, accumulate, mesh)
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    state = _fresh_state(params, opt_state, optimizer=optimizer)
+    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
@@ -386,8 +433,8 @@ def fit(
         )
         with checkpoints.closing_on_error():
             fingerprint = _fingerprint_of(
-                loss_fn, optimizer, state, data,
-                key=key, accumulate=accumulate, has_aux=has_aux, nan_policy=policy,
+                loss_fn, optimizer, state, data, extended=model.extended, key=key, rng=rng,
+                accumulate=accumulate, has_aux=has_aux, nan_policy=policy,
             )  # fmt: skip
             checkpoints.differences = functools.partial(_differences, current=fingerprint)
             restored = None
@@ -410,6 +457,7 @@ def fit(
                 {
                     "params": state.params,
                     "opt_state": state.opt_state,
+                    "model_state": _keys_as_data(state.model_state),
                     "counters": {"skipped": skipped, "first_nonfinite": first_bad},
                     "losses": result.losses,
                     "aux": result.aux,
@@ -427,7 +475,7 @@ def fit(
                 f"{step}) is attached as .state.",
                 errno=err.errno,
                 path=err.filename,
-                state=result,
+                state=model.finish(result),
             ) from err
 
     run = functools.partial(
@@ -438,6 +486,8 @@ def fit(
         has_aux=has_aux,
         unroll=unroll,
         skip_nonfinite=policy == "skip",
+        extended=model.extended,
+        rng=rng,
     )
     # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
     # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
@@ -478,10 +528,12 @@ def fit(
                 if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
                 if policy == "raise" and bad >= 0:
-                    raise _divergence(
+                    err = _divergence(
                         run, flight.state, flight.inputs, flight.start, bad, history, save,
                         losses, ckpt_dir,
                     )  # fmt: skip
+                    err.state = model.finish(err.state)
+                    raise err
                 state, step, flight = new_state, nxt, None
                 history.add(losses, aux)
                 bar.update(step, float(np.mean(losses)), skipped)
@@ -522,7 +574,15 @@ def fit(
             if _int(state.step) > last_saved:
                 save(state)
             raise
-    return history.result(state)
+    if policy == "skip" and total and _int(state.skipped) == total:
+        warnings.warn(
+            f"every update of this run ({total} of {total}) was skipped as non-finite "
+            "(nan_policy='skip'): params are unchanged. Check the loss at the initial params, "
+            "the learning rate, or the dtype (float16 overflows above 65504).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return model.finish(history.result(state))
 
 
 _host = _parallel.to_host
@@ -595,9 +655,13 @@ def _unpack(step, arrays, state, empty_aux, mesh):
     as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
         jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
     )
+    model_state = _keys_from_data(
+        state.model_state, as_device(_keys_as_data(state.model_state), "model_state")
+    )
     restored = TrainState(
         as_device(state.params, "params"),
         as_device(state.opt_state, "opt_state"),
+        model_state,
         jnp.asarray(step, jnp.int32),
         jnp.asarray(skipped, jnp.int32),
         jnp.asarray(first_bad, jnp.int32),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _checks
+from scanfit import _adapters, _checks
 
 PyTree = Any
 
@@ -32,6 +32,7 @@ class TrainResult(NamedTuple):
     skipped: jax.Array  # shape=(), int32: updates skipped as non-finite (skip_nonfinite)
     first_nonfinite: jax.Array  # shape=(), int32: first update with a non-finite loss
     #   (with skip_nonfinite: loss, gradient or new params), counted from 0; -1 if none
+    model_state: PyTree = None  # the model state after the last update; None without one
 
 
 class TrainState(NamedTuple):
@@ -39,19 +40,55 @@ class TrainState(NamedTuple):
 
     params: PyTree
     opt_state: PyTree
-    step: jax.Array  # shape=(), int32: updates done so far in this call
+    model_state: PyTree  # carried through every microbatch, never differentiated; or None
+    step: jax.Array  # shape=(), int32: updates done so far (over the whole run in fit)
     skipped: jax.Array  # shape=(), int32
     first_nonfinite: jax.Array  # shape=(), int32, -1 if none
 
 
-def init_state(params: PyTree, opt_state: PyTree) -> TrainState:
+def init_state(params: PyTree, opt_state: PyTree, model_state: PyTree = None) -> TrainState:
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the carry is donated)
-    return TrainState(params, opt_state, zero(), zero(), jnp.full((), -1, jnp.int32))
+    return TrainState(params, opt_state, model_state, zero(), zero(), jnp.full((), -1, jnp.int32))
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    """Whether every inexact leaf is finite (integer counters and PRNG keys always are)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
+def _loss_and_grad(loss_fn: Callable, *, has_aux: bool, extended: bool) -> Callable:
+    """``(params, model_state, batch, rng) -> (loss, model_state, aux, grads)`` for either form.
+
+    Plain: ``loss_fn(params, batch)``, the model state passed through untouched.
+    Extended: ``loss_fn(params, model_state, batch, rng) -> (loss, new_model_state)``,
+    or ``-> (loss, (new_model_state, aux))`` with ``has_aux``.
+    """
+    if not extended:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+        def plain(params, model_state, batch, rng):
+            out, grads = grad_fn(params, batch)
+            loss, aux = out if has_aux else (out, None)
+            return loss, model_state, aux, grads
+
+        return plain
+
+    def split_aux(params, model_state, batch, rng):
+        loss, rest = loss_fn(params, model_state, batch, rng)
+        return loss, (rest if has_aux else (rest, None))
+
+    grad_fn = jax.value_and_grad(split_aux, has_aux=True)  # w.r.t. params only
+
+    def extended_form(params, model_state, batch, rng):
+        (loss, (model_state, aux)), grads = grad_fn(params, model_state, batch, rng)
+        return loss, model_state, aux, grads
+
+    return extended_form
 
 
 def make_update(
@@ -61,33 +98,41 @@ def make_update(
     accumulate: int,
     has_aux: bool,
     skip_nonfinite: bool,
+    extended: bool = False,
+    rng: jax.Array | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, tuple[jax.Array, PyTree]]]:
     """The scan body: one optimizer update from ``accumulate`` microbatches.
 
     The returned ``update(state, microbatches)`` takes microbatches whose leaves
     have a leading axis of length ``accumulate`` and returns the new state and
-    ``(loss, aux)`` of this update.
+    ``(loss, aux)`` of this update. In the extended form the model state threads
+    through the microbatches in order, and microbatch ``m`` of the run (update
+    ``u`` uses ``u * accumulate .. u * accumulate + accumulate - 1``) gets
+    ``jax.random.fold_in(rng, m)``, whatever the chunking.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    loss_and_grad = _loss_and_grad(loss_fn, has_aux=has_aux, extended=extended)
 
-    def loss_and_grad(params, batch):
-        out, grads = grad_fn(params, batch)
-        loss, aux = out if has_aux else (out, None)
-        return loss, aux, grads
+    def key_of(m):
+        return None if rng is None else jax.random.fold_in(rng, m)
 
-    def mean_over_microbatches(params, microbatches):
+    def mean_over_microbatches(params, model_state, microbatches, first):
         if accumulate == 1:  # microbatches is the batch itself: no extra axis, no copy
-            return loss_and_grad(params, microbatches)
+            return loss_and_grad(params, model_state, microbatches, key_of(first))
 
         # An inner scan sums the k gradients, so memory holds one gradient, not k.
-        def add(total, batch):
-            loss, aux, grads = loss_and_grad(params, batch)
-            return jax.tree.map(jnp.add, total, (loss, grads)), aux
+        def add(carry, xs):
+            total, model_state = carry
+            batch, m = xs
+            loss, model_state, aux, grads = loss_and_grad(params, model_state, batch, key_of(m))
+            return (jax.tree.map(jnp.add, total, (loss, grads)), model_state), aux
 
-        first = jax.tree.map(lambda a: a[0], microbatches)
-        loss0, aux0, grads0 = loss_and_grad(params, first)
+        head = jax.tree.map(lambda a: a[0], microbatches)
+        loss0, model_state, aux0, grads0 = loss_and_grad(params, model_state, head, key_of(first))
         rest = jax.tree.map(lambda a: a[1:], microbatches)
-        (loss, grads), auxs = lax.scan(add, (loss0, grads0), rest)
+        ms = first + jnp.arange(1, accumulate, dtype=jnp.int32)
+        ((loss, grads), model_state), auxs = lax.scan(
+            add, ((loss0, grads0), model_state), (rest, ms)
+        )
         inv = 1.0 / accumulate
         aux = jax.tree.map(
             lambda a0, a: (a0 + jnp.sum(a, axis=0)) * jnp.asarray(inv, jnp.result_type(a, float)),
@@ -95,17 +140,25 @@ def make_update(
             auxs,
         )
         scale = lambda g: g * jnp.asarray(inv, g.dtype)  # noqa: E731
-        return scale(loss), aux, jax.tree.map(scale, grads)
+        return scale(loss), model_state, aux, jax.tree.map(scale, grads)
 
     def update(state: TrainState, microbatches: PyTree):
-        loss, aux, grads = mean_over_microbatches(state.params, microbatches)
+        loss, model_state, aux, grads = mean_over_microbatches(
+            state.params, state.model_state, microbatches, state.step * accumulate
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
             # Skipping must not let a non-finite gradient into params or optimizer state.
-            ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+            ok = (
+                jnp.isfinite(loss)
+                & _all_finite(grads)
+                & _all_finite(params)
+                & _all_finite(model_state)
+            )
             params = optax.tree_utils.tree_where(ok, params, state.params)
             opt_state = optax.tree_utils.tree_where(ok, opt_state, state.opt_state)
+            model_state = optax.tree_utils.tree_where(ok, model_state, state.model_state)
         else:
             # The loss alone is nearly free to check, where a pass over grads and params each
             # update cost ~17% for a small MLP. Params that go non-finite make the next
@@ -113,7 +166,7 @@ def make_update(
             ok = jnp.isfinite(loss)
         first_bad = jnp.where((state.first_nonfinite < 0) & ~ok, state.step, state.first_nonfinite)
         skipped = state.skipped + (~ok).astype(jnp.int32) if skip_nonfinite else state.skipped
-        new_state = TrainState(params, opt_state, state.step + 1, skipped, first_bad)
+        new_state = TrainState(params, opt_state, model_state, state.step + 1, skipped, first_bad)
         return new_state, (loss, aux)
 
     return update
@@ -174,11 +227,13 @@ def run_chunk(
     state: TrainState,
     data: PyTree,
     idx,
+    rng=None,
     *,
     accumulate: int,
     has_aux: bool,
     unroll: int,
     skip_nonfinite: bool,
+    extended: bool = False,
 ):
     """A run of updates, as ``fit`` compiles it per chunk.
 
@@ -188,16 +243,22 @@ def run_chunk(
     (C, accumulate, ...), or (C, ...) without accumulation.
     Returns ``(state, losses, aux, params_finite)``: the last is a scalar bool
     computed in the graph, once per chunk, so the host reads one flag instead
-    of walking the params.
+    of walking the params (and model state).
     """
     update = make_update(
-        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
+        loss_fn,
+        optimizer,
+        accumulate=accumulate,
+        has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
+        extended=extended,
+        rng=rng,
     )
     if idx is None:
         state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
     else:
         state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
-    return state, losses, aux, _all_finite(state.params)
+    return state, losses, aux, _all_finite((state.params, state.model_state))
 
 
 def train(
@@ -207,22 +268,31 @@ def train(
     data,
     opt_state,
     key,
+    model_state=None,
+    rng=None,
     *,
     epochs,
     accumulate,
     has_aux,
     unroll,
     skip_nonfinite,
+    extended=False,
 ) -> TrainResult:
     """The whole run, unjitted: scan_train compiles it, sweep vmaps it."""
     if opt_state is None:
         opt_state = optimizer.init(params)
     update = make_update(
-        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux, skip_nonfinite=skip_nonfinite
+        loss_fn,
+        optimizer,
+        accumulate=accumulate,
+        has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite,
+        extended=extended,
+        rng=rng,
     )
     state, (losses, aux) = run_epochs(
         update,
-        init_state(params, opt_state),
+        init_state(params, opt_state, model_state),
         data,
         key=key,
         epochs=epochs,
@@ -236,25 +306,27 @@ def train(
         aux if has_aux else None,
         state.skipped,
         state.first_nonfinite,
+        state.model_state,
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "loss_fn",
-        "optimizer",
-        "epochs",
-        "accumulate",
-        "has_aux",
-        "unroll",
-        "skip_nonfinite",
-    ),
+_STATIC = (
+    "loss_fn",
+    "optimizer",
+    "epochs",
+    "accumulate",
+    "has_aux",
+    "unroll",
+    "skip_nonfinite",
+    "extended",
 )
-def _scan_train_jit(loss_fn, params, optimizer, lr, data, opt_state, key, **settings):
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _scan_train_jit(loss_fn, params, optimizer, lr, data, opt_state, key, model_state, rng, **kw):
     if optimizer is None:  # a float learning rate: plain SGD, lr traced so a new value
         optimizer = optax.sgd(lr)  # does not compile again
-    return train(loss_fn, params, optimizer, data, opt_state, key, **settings)
+    return train(loss_fn, params, optimizer, data, opt_state, key, model_state, rng, **kw)
 
 
 def scan_train(
@@ -270,14 +342,26 @@ def scan_train(
     has_aux: bool = False,
     unroll: int = 1,
     skip_nonfinite: bool = False,
+    model_state: PyTree = None,
+    rng: jax.Array | None = None,
 ) -> TrainResult:
     """Trains ``params`` on every microbatch of ``data`` in one XLA program.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss``, a scalar; with ``has_aux``,
         ``-> (loss, aux)``. ``batch`` has the structure of ``data`` with the
-        leading axis removed: ``data=(xb, yb)`` gives ``batch=(x, y)``.
-      params: the initial parameters, any pytree of floating arrays.
+        leading axis removed: ``data=(xb, yb)`` gives ``batch=(x, y)``. With
+        ``model_state`` or ``rng`` given, the extended form
+        ``loss_fn(params, model_state, batch, rng) -> (loss, new_model_state)``
+        (with ``has_aux``: ``-> (loss, (new_model_state, aux))``).
+      params: the initial parameters, any pytree of floating arrays (bfloat16,
+        float16, float32, float64). Or a Flax ``nnx.Module``, with
+        ``loss_fn(model, batch)``: its ``nnx.Param``s are trained, every other
+        variable (BatchNorm statistics, RNG stream counters) is carried as
+        model state, the module holds the trained state afterwards and
+        ``res.params`` is its ``nnx.State`` of Params. Or an Equinox module:
+        its floating arrays are trained, every other leaf is static, and
+        ``res.params`` is the trained module.
       optimizer: an ``optax.GradientTransformation``, or a float: plain SGD
         with that learning rate.
       data: pytree of arrays sharing a leading axis N: N microbatches.
@@ -295,6 +379,14 @@ def scan_train(
       unroll: passed to the inner ``lax.scan``.
       skip_nonfinite: an update whose loss, gradient or new params are
         non-finite leaves params and optimizer state unchanged, and is counted.
+      model_state: any pytree (BatchNorm statistics, EMA weights, counters;
+        an ``eqx.nn.State``), carried through every update and every
+        accumulated microbatch in order, never differentiated. ``None`` is
+        passed to the extended form when only ``rng`` is given.
+      rng: a PRNG key. Microbatch ``m`` of the run (counted from 0 over all
+        epochs; update ``u`` uses microbatches ``u * accumulate`` to
+        ``u * accumulate + accumulate - 1``) gets ``jax.random.fold_in(rng, m)``.
+        ``None`` is passed when only ``model_state`` is given.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -307,9 +399,12 @@ def scan_train(
     Raises:
       ValueError: data leaves with different leading axes, ``accumulate`` not
         dividing N, ``epochs < 1``, a loss that is not a scalar, an
-        ``opt_state`` that does not match the optimizer and params.
+        ``opt_state`` that does not match the optimizer and params, a new
+        model state that differs from ``model_state`` in structure, shape or
+        dtype, ``model_state``/``rng`` given with an NNX module.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
-        ``key`` not a PRNG key, params not floating, ``loss_fn`` not callable.
+        ``key`` or ``rng`` not a PRNG key, params not floating, ``loss_fn``
+        not callable, a Flax ``TrainState`` as params.
 
     Example:
       >>> import jax.numpy as jnp, optax, scanfit
@@ -322,9 +417,13 @@ def scan_train(
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
     """
+    model = _adapters.adapt(
+        loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
+        has_aux=has_aux,
+    )  # fmt: skip
     params, optimizer, lr, _, key, _ = _checks.check_train_args(
-        loss_fn,
-        params,
+        model.loss_fn,
+        model.params,
         optimizer,
         data,
         opt_state=opt_state,
@@ -333,18 +432,25 @@ def scan_train(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        model_state=model.model_state,
+        rng=rng,
+        extended=model.extended,
     )
-    return _scan_train_jit(
-        loss_fn,
+    result = _scan_train_jit(
+        model.loss_fn,
         params,
         optimizer,
         lr,
         data,
         opt_state,
         key,
+        model.model_state,
+        rng,
         epochs=epochs,
         accumulate=accumulate,
         has_aux=has_aux,
         unroll=unroll,
         skip_nonfinite=skip_nonfinite,
+        extended=model.extended,
     )
+    return model.finish(result)

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from scanfit import _checks
+from scanfit import _adapters, _checks
 from scanfit._checks import describe
 from scanfit._loop import PyTree, TrainResult, train
 
@@ -71,6 +71,7 @@ _STATIC = (
     "has_aux",
     "unroll",
     "skip_nonfinite",
+    "extended",
     "shuffle_per_seed",
 )
 
@@ -86,20 +87,23 @@ def _sweep_jit(
     keys,
     key,
     opt_state,
+    model_state,
+    rngs,
     *,
     shuffle_per_seed,
     **settings,
 ):
-    def one(hp, seed_key):
+    def one(hp, seed_key, rng):
         if seed_key is None:
             init_key = shuffle_key = None
         else:
             init_key, shuffle_key = jax.random.split(seed_key)
         p = init(init_key) if init is not None else params
         k = shuffle_key if shuffle_per_seed else key
-        return train(loss_fn, p, make_optimizer(**hp), data, opt_state, k, **settings)
+        optimizer = make_optimizer(**hp)
+        return train(loss_fn, p, optimizer, data, opt_state, k, model_state, rng, **settings)
 
-    return jax.vmap(one)(hparams, keys)
+    return jax.vmap(one)(hparams, keys, rngs)
 
 
 def sweep(
@@ -117,6 +121,8 @@ def sweep(
     has_aux: bool = False,
     unroll: int = 1,
     skip_nonfinite: bool = False,
+    model_state: PyTree = None,
+    rng: jax.Array | None = None,
 ) -> TrainResult:
     """Trains K configurations in one compiled program, vmapped over hyper-parameters.
 
@@ -138,6 +144,11 @@ def sweep(
         the microbatches every epoch as ``scan_train(key=...)`` does, unless
         ``key`` is given (then every config shares that order).
       key: a shared shuffle key, as for ``scan_train``.
+      model_state, rng: the extended loss form, as for ``scan_train``; every
+        config starts from ``model_state`` and carries its own. Every config
+        uses ``rng``, or with ``seeds`` config ``i`` uses
+        ``jax.random.fold_in(rng, seeds[i])``. An NNX module passed as
+        ``params`` is left as it is (``res.params`` holds K trained states).
 
     Returns:
       A ``TrainResult`` whose leaves have a leading axis K: ``losses`` has
@@ -160,7 +171,7 @@ def sweep(
             "make_optimizer must be callable as make_optimizer(**hparams) -> optax optimizer, "
             f"got {describe(make_optimizer)}."
         )
-    init = params if callable(params) else None
+    init = params if callable(params) and not _adapters.is_module(params) else None
     if init is not None and seeds is None:
         raise ValueError(
             "params is an init function: pass seeds=[...] (one per config) to give "
@@ -168,6 +179,18 @@ def sweep(
         )
     hp = {n: np.asarray(v) for n, v in hparams.items()}
     keys = None if seeds is None else jax.vmap(jax.random.key)(np.asarray(seeds))
+    model = _adapters.adapt(
+        loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
+        has_aux=has_aux, update_module=False,
+    )  # fmt: skip
+    loss_fn, params, model_state = model.loss_fn, model.params, model.model_state
+    _checks.check_key(rng, "rng")
+    if rng is None:
+        rngs = None
+    elif seeds is None:
+        rngs = jax.vmap(lambda _: rng)(np.arange(len(next(iter(hp.values())))))
+    else:
+        rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.asarray(seeds))
     # Check one config as scan_train would, on abstract values: errors come before tracing.
     first = {n: v[0] for n, v in hp.items()}
     example_opt = make_optimizer(**first)
@@ -185,6 +208,9 @@ def sweep(
         accumulate=accumulate,
         unroll=unroll,
         has_aux=has_aux,
+        model_state=model_state,
+        rng=rng,
+        extended=model.extended,
     )
     if _checks.check_optimizer(example_opt)[0] is None:
         raise TypeError(
@@ -193,7 +219,7 @@ def sweep(
         )
     if init is None:
         params = _checks.check_params(params)
-    return _sweep_jit(
+    result = _sweep_jit(
         loss_fn,
         init,
         None if init is not None else params,
@@ -203,13 +229,17 @@ def sweep(
         keys,
         key,
         opt_state,
+        model_state,
+        rngs,
         shuffle_per_seed=seeds is not None and key is None,
         epochs=epochs,
         accumulate=accumulate,
         has_aux=has_aux,
         unroll=unroll,
         skip_nonfinite=skip_nonfinite,
+        extended=model.extended,
     )
+    return model.finish(result)
 
 
 def rank(
