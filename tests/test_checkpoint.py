@@ -103,7 +103,10 @@ _WARM = jax.tree.map(lambda a: a + 1, ADAM.init(PARAMS))  # same shapes, other v
         ({"data": _MIDDLE}, "the data contents: same shapes, other contents"),
         ({"data": _SWAPPED}, "the data contents: same shapes, other contents"),
         ({"data": (DATA[0][:, :2], DATA[1][:, :2])}, r"\[0\] is float32\[8, 4, 3\] in the"),
-        ({"key": jax.random.key(0)}, r"the key \(microbatch order\): None in the checkpoint"),
+        (
+            {"key": jax.random.key(0)},
+            r"the key \(microbatch order\): None in the checkpoint, given",
+        ),
         ({"accumulate": 2}, "accumulate: 1 in the checkpoint, 2 in this run"),
         ({"skip_nonfinite": True}, r"policy \(nan_policy, skip_nonfinite\): 'raise' in the"),
         ({"nan_policy": "skip"}, r"policy \(nan_policy, skip_nonfinite\): 'raise' in the"),

@@ -302,7 +302,7 @@ def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
         )
     with pytest.raises(
         scanfit.CheckpointMismatchError,
-        match=r"key \(microbatch order\): None in the checkpoint, a hashed tree in this",
+        match=r"key \(microbatch order\): None in the checkpoint, given in this run",
     ):
         scanfit.fit(
             mlp_loss,

@@ -152,5 +152,5 @@ def _spec(spec: Any) -> str:
 
 
 def _short(value: Any, limit: int = 120) -> str:
-    text = "a hashed tree" if isinstance(value, dict) else repr(value)
+    text = "given" if isinstance(value, dict) else repr(value)  # a digest: say only that
     return text if len(text) <= limit else text[: limit - 3] + "..."
