@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test bench bench-quick lint clean
+.PHONY: run test test-all bench bench-quick lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 run: $(VENV)/.installed
 	$(VENV)/bin/scanfit train
 
+# CI: the slow tests (exhaustive fault sweeps) are left to `make test-all`.
 test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

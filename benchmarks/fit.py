@@ -18,7 +18,8 @@ one untimed call each (so no compilation is timed), medians reported:
 
 Every fit variant's loss history and final params are checked bitwise equal to the
 matching scan_train run before anything is timed. Separately, one checkpoint write
-(``scanfit._checkpoint.save`` of the MLP params, adam state and an N-float loss history) is
+(``CheckpointDir.save``, checksums, write and pruning, of the MLP params, adam state and an
+N-float loss history) is
 timed over ~50 saves, with a breakdown (device to host, npz encoding, write + fsync), and the
 host-side cost of streaming (memmap gather, device_put) is timed per chunk.
 """
@@ -53,7 +54,7 @@ from _common import (  # noqa: E402
 from loop import BATCH, CLASSES, FEATURES, HIDDEN, CheckFailed, init_params, make_data, make_loss  # noqa: E402, E501
 
 import scanfit  # noqa: E402
-from scanfit import _checkpoint  # noqa: E402
+from scanfit import _checkpoint_dir, _fingerprint  # noqa: E402
 
 LR = 1e-3
 CKPT_EVERY = 1000
@@ -230,8 +231,8 @@ class CheckpointTimer:
         }
         self.meta = {
             "fingerprint": {
-                "params": _checkpoint.spec(result.params),
-                "opt_state": _checkpoint.spec(result.opt_state),
+                "params": _fingerprint.tree_digest(result.params),
+                "opt_state": _fingerprint.tree_digest(result.opt_state),
                 "accumulate": 1,
                 "key": None,
             },
@@ -239,14 +240,14 @@ class CheckpointTimer:
             "scanfit_version": scanfit.__version__,
         }
         jax.block_until_ready(self.trees)
-        self.directory = directory
+        self.directory = _checkpoint_dir.CheckpointDir(directory, keep=3)
         self.step = 0
         self.path = self._save()  # untimed: the directory, first allocations
         self.times: list[float] = []
 
     def _save(self) -> Path:
         self.step += 1
-        return _checkpoint.save(self.directory, self.step, self.trees, self.meta, 3)
+        return self.directory.save(self.step, self.trees, self.meta)
 
     def saves(self, count: int) -> None:
         for _ in range(count):
@@ -257,7 +258,7 @@ class CheckpointTimer:
     def summary(self, count: int) -> dict:
         """The saves so far, and ``count`` more writes split into their parts."""
         to_host, encode, write = [], [], []
-        scratch = self.directory / "scratch.npz"
+        scratch = self.directory.path / "scratch.npz"
         for _ in range(count):
             t0 = time.perf_counter()
             arrays = {
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         per_round = -(-cfg["saves"] // cfg["reps"])
         times = interleaved(vs, cfg["reps"], lambda: saver.saves(per_round))
         ckpt = saver.summary(cfg["saves"])
+        saver.directory.close()
         stream = streaming_costs(mm, n, cfg["mmap_chunks"], cfg["gathers"])
         del mm
     host = host_work(cfg["reps"])

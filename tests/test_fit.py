@@ -1,7 +1,6 @@
 """fit: chunked against unchunked, streamed against in-memory, killed against uninterrupted."""
 
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -278,27 +277,34 @@ def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
     wider = dict(params, scale=np.ones(2, np.float32))
     with pytest.raises(
         scanfit.CheckpointMismatchError,
-        match=r"belongs to another run: params.leaves.\['scale'\]: checkpoint has "
-        r"\[\[\], 'float32'\], this run has \[\[2\], 'float32'\]",
+        match=r"belongs to another run: the initial params: \['scale'\] is float32\[\] in the "
+        r"checkpoint, float32\[2\] in this run\. Pass another checkpoint_dir",
     ):
         scanfit.fit(mlp_loss, wider, 0.01, data, checkpoint_dir=tmp_path, progress=False)
     other = (data[0] + 1, data[1])
-    with pytest.raises(scanfit.CheckpointMismatchError, match=r"data.content_sha1: checkpoint"):
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"run: the data contents: same shapes, other contents\. Pass",
+    ):
         scanfit.fit(mlp_loss, params, 0.01, other, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(
         scanfit.CheckpointMismatchError,
-        match=r"accumulate: checkpoint has 1, "
-        r"this run has 2",
+        match=r"accumulate: 1 in the checkpoint, 2 in this run",
     ):
         scanfit.fit(
             mlp_loss, params, 0.01, data, accumulate=2, checkpoint_dir=tmp_path, progress=False
         )
-    with pytest.raises(scanfit.CheckpointMismatchError, match=r"opt_state.treedef: checkpoint"):
+    with pytest.raises(
+        scanfit.CheckpointMismatchError, match=r"initial optimizer state: \[0\]\.count is absent"
+    ):
         # Same params and data, another optimizer: its state has another structure.
         scanfit.fit(
             mlp_loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, progress=False
         )
-    with pytest.raises(scanfit.CheckpointMismatchError, match=r"key: checkpoint has None"):
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"key \(microbatch order\): None in the checkpoint, given in this run",
+    ):
         scanfit.fit(
             mlp_loss,
             params,
@@ -310,19 +316,25 @@ def test_mismatched_checkpoint_names_what_differs(problem, tmp_path):
         )
 
 
-def test_checkpoint_lacking_an_array_is_a_clear_error(problem, tmp_path):
+def test_checkpoint_lacking_an_array_is_skipped_with_a_warning(problem, tmp_path):
     params, data = problem
     opt = optax.adam(0.01)
-    scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
+    first = scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
     path = _checkpoint.path_for(tmp_path, 20)
-    meta, arrays = _checkpoint.read(path)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
     victim = next(k for k in arrays if k.startswith("opt_state"))
     del arrays[victim]
-    np.savez(path, __meta__=np.array(json.dumps(meta)), **arrays)
-    with pytest.raises(
-        scanfit.CheckpointMismatchError, match=r"\(step 20\) has no array .*written by scanfit"
+    np.savez(path, **arrays)
+    with (
+        pytest.warns(scanfit.CheckpointWarning, match=r"to ckpt-0000000020.npz.set-aside: it is"),
+        pytest.warns(
+            scanfit.CheckpointWarning, match=r"ckpt-0000000020.npz: missing or extra arrays \["
+        ),
     ):
-        scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
+        again = scanfit.fit(mlp_loss, params, opt, data, checkpoint_dir=tmp_path, progress=False)
+    assert_same(again, first)  # trained afresh, not restored from the damaged file
+    assert (tmp_path / "ckpt-0000000020.npz.set-aside").exists()  # kept, not overwritten
 
 
 def test_checkpoint_past_the_run_is_an_error(problem, tmp_path):
@@ -359,8 +371,9 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(problem, tmp_path
     newest = _checkpoint.path_for(tmp_path, 40)
     newest.write_bytes(newest.read_bytes()[:100])
     (tmp_path / ".tmp-ckpt-leftover.npz").write_bytes(b"junk")
-    with pytest.warns(
-        UserWarning, match=r"skipping checkpoint .*ckpt-0000000040.npz is unreadable"
+    with (
+        pytest.warns(UserWarning, match=r"moved .*ckpt-0000000040.npz to .*set-aside"),
+        pytest.warns(UserWarning, match=r"skipping checkpoint .*ckpt-0000000040.npz: BadZipFile"),
     ):
         res = scanfit.fit(
             mlp_loss,
@@ -720,7 +733,10 @@ def test_model_state_resumes_bitwise_from_a_checkpoint(tmp_path):
     )
     resumed = scanfit.fit(loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, **kwargs)
     assert_same_state(resumed, full)
-    with pytest.raises(scanfit.CheckpointMismatchError, match=r"rng: checkpoint has"):
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"the rng \(dropout and other randomness\): same shapes, other contents",
+    ):
         kwargs["rng"] = jax.random.key(5)
         scanfit.fit(loss, params, optax.adam(0.01), data, checkpoint_dir=tmp_path, **kwargs)
 

@@ -1,6 +1,9 @@
 """scanfit: a whole JAX training loop as one XLA program, with jax.lax.scan."""
 
+from scanfit._errors import CheckpointLockedError as CheckpointLockedError
 from scanfit._errors import CheckpointMismatchError as CheckpointMismatchError
+from scanfit._errors import CheckpointWarning as CheckpointWarning
+from scanfit._errors import CheckpointWriteError as CheckpointWriteError
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
@@ -14,7 +17,10 @@ from scanfit._sweep import sweep as sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointWarning",
+    "CheckpointWriteError",
     "ChunkInfo",
     "DivergenceError",
     "TrainResult",

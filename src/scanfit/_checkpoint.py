@@ -1,47 +1,50 @@
-"""Crash-safe checkpoints: one ``.npz`` per checkpoint, leaves keyed by tree path.
+"""Checkpoint files: one ``.npz`` per checkpoint, leaves keyed by tree path, every byte checked.
 
 A checkpoint holds the training state (params, optimizer state, counters), the
-loss (and aux) history up to its step, and JSON metadata: the step, the
-scanfit version and a fingerprint of the run (tree structures, shapes and
-dtypes, data shapes, settings) that a resumed run must match. It is written to
-a temporary file in the same directory, flushed, fsynced and renamed over, so
-a kill at any moment leaves either the old set or the new one, never a torn
-file under a checkpoint's name. Files are read with ``allow_pickle=False``.
+loss (and aux) history up to its step, and JSON metadata: the step, the scanfit
+version, the run's fingerprint, and the dtype, shape and SHA-256 of every
+array. The metadata's own SHA-256 is a member of its own. ``read`` checks all
+of them: ``np.load`` reads a member only as far as its header says and never
+reaches the zip CRC, so a flipped header byte would otherwise load a shifted
+array without a word.
+
+A file is written to a temporary name in the same directory, flushed, fsynced
+and renamed over, so a kill at any moment leaves either the old set or the new
+one, never a torn file under a checkpoint's name. Files are read with
+``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from scanfit._parallel import to_host
 
 _NAME = re.compile(r"^ckpt-(\d{10})\.npz$")
-_TMP_PREFIX = ".tmp-ckpt-"
+TMP_PREFIX = ".tmp-ckpt-"
 _META = "__meta__"
+_META_SHA = "__meta_sha256__"
+
+
+class Unusable(ValueError):
+    """A checkpoint file that must not be loaded; the message says which and why."""
 
 
 def _flatten(prefix: str, tree: Any) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_leaves_with_path(to_host(tree))
-    return {f"{prefix}{jax.tree_util.keystr(p)}": x for p, x in leaves}
-
-
-def spec(tree: Any) -> dict[str, Any]:
-    """Structure, shapes and dtypes of a pytree, as JSON-able data."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {
-        "treedef": str(jax.tree.structure(tree)),
-        "leaves": {jax.tree_util.keystr(p): [list(np.shape(x)), str(x.dtype)] for p, x in leaves},
-    }
+    return {f"{prefix}{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in leaves}
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -49,7 +52,7 @@ def path_for(directory: Path, step: int) -> Path:
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """Checkpoints in ``directory``, oldest first."""
+    """Entries named like checkpoints in ``directory`` (files or not), oldest first."""
     found = []
     for entry in directory.iterdir() if directory.is_dir() else ():
         match = _NAME.match(entry.name)
@@ -58,22 +61,35 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def clean_temporaries(directory: Path) -> None:
-    """Removes half-written files left by a run that was killed while saving."""
-    for entry in directory.glob(_TMP_PREFIX + "*"):
-        entry.unlink(missing_ok=True)
+def _checksum(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype name, shape and bytes."""
+    h = hashlib.sha256(f"{a.dtype.name}{list(a.shape)}".encode())
+    h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+    return h.hexdigest()
 
 
-def save(
-    directory: Path, step: int, trees: dict[str, Any], meta: dict[str, Any], keep: int
-) -> Path:
-    """Writes ``trees`` (name -> pytree) and ``meta`` atomically, then prunes to ``keep`` newest."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write(directory: Path, step: int, trees: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Writes ``trees`` (name -> pytree) and ``meta`` atomically as ``ckpt-<step>.npz``.
+
+    Raises:
+      OSError: the disk is full, read-only, ... (the temporary file is removed).
+    """
     arrays: dict[str, np.ndarray] = {}
     for name, tree in trees.items():
         arrays.update(_flatten(name, tree))
-    arrays[_META] = np.asarray(json.dumps({**meta, "step": step}))
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npz", dir=directory)
+    return write_arrays(directory, step, arrays, meta)
+
+
+def write_arrays(
+    directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
+    """``write`` for arrays already flat, keyed as they are stored."""
+    arrays = dict(arrays)
+    sums = {k: [a.dtype.name, list(a.shape), _checksum(a)] for k, a in arrays.items()}
+    text = json.dumps({**meta, "step": step, "arrays": sums})
+    arrays[_META] = np.asarray(text)
+    arrays[_META_SHA] = np.asarray(hashlib.sha256(text.encode()).hexdigest())
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -84,13 +100,11 @@ def save(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
-    for _, old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    fsync_dir(directory)
     return final
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,48 +113,69 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Reads one checkpoint: (meta, arrays by key). Raises ValueError if it is unreadable."""
+    """Reads and verifies one checkpoint: (meta, arrays by key).
+
+    Raises:
+      Unusable: anything wrong with the file, whatever the library underneath
+        raised (zip, npy header and JSON parsers raise a dozen types on damage).
+    """
     try:
-        # Our own handle: np.load leaks its file when the zip is torn.
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop(_META)))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+        return _read(path)
+    except Unusable:
+        raise
+    except Exception as err:  # any failure of a damaged file means one thing: do not load it
+        raise Unusable(f"{type(err).__name__}: {err}") from err
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if not path.is_file():
+        raise Unusable("not a regular file")
+    with zipfile.ZipFile(path) as zf:
+        members = {n.removesuffix(".npy") for n in zf.namelist()}
+        text = str(_member(zf, _META))
+        if str(_member(zf, _META_SHA)) != hashlib.sha256(text.encode()).hexdigest():
+            raise Unusable("its metadata does not match its checksum")
+        meta = json.loads(text)
+        sums = meta.get("arrays")
+        if not isinstance(sums, dict):
+            raise Unusable("it holds no checksums (written by an older scanfit?)")
+        if members != {*sums, _META, _META_SHA}:
+            odd = sorted(members.symmetric_difference({*sums, _META, _META_SHA}))
+            raise Unusable(f"missing or extra arrays {odd}")
+        arrays = {}
+        for key, (dtype, shape, digest) in sums.items():
+            a = _member(zf, key)
+            if a.dtype.kind == "V":  # NumPy saves ml_dtypes types (bfloat16, ...) as raw bytes
+                a = a.view(jnp.dtype(dtype))
+            if a.dtype.name != dtype or list(a.shape) != shape or _checksum(a) != digest:
+                raise Unusable(f"array {key!r} does not match its checksum")
+            arrays[key] = a
     return meta, arrays
 
 
-def unflatten(prefix: str, like: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """Rebuilds a pytree shaped like ``like`` from the arrays saved under ``prefix``."""
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(like)]
-    return jax.tree.unflatten(jax.tree.structure(like), [arrays[prefix + p] for p in paths])
+def _member(zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    # zf.read checks the zip CRC-32 (it reads the member to its end); np.load would not.
+    raw = zf.read(key + ".npy")
+    return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
 
 
-def newest_valid(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """The newest readable checkpoint; unreadable newer ones are skipped with a warning."""
-    for step, path in reversed(list_checkpoints(directory)):
-        try:
-            meta, arrays = read(path)
-        except ValueError as err:
-            warnings.warn(f"skipping {err}; trying an older checkpoint", stacklevel=3)
-            continue
-        if meta.get("step") != step:
-            warnings.warn(
-                f"skipping checkpoint {path}: its metadata says step {meta.get('step')}",
-                stacklevel=3,
-            )
-            continue
-        return meta, arrays
-    return None
+def unflatten(
+    prefix: str, like: Any, arrays: dict[str, np.ndarray], rows: int | None = None
+) -> Any:
+    """Rebuilds a pytree shaped like ``like`` from the arrays saved under ``prefix``.
 
+    ``rows``: the leaves' leading axis has this length instead of ``like``'s (histories).
 
-def differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two fingerprints."""
-    out = []
-    for name in sorted(set(saved) | set(current)):
-        a, b = saved.get(name), current.get(name)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{name}.")
-        elif a != b:
-            out.append(f"{prefix}{name}: checkpoint has {a!r}, this run has {b!r}")
-    return out
+    Raises:
+      Unusable: an array is missing or has another shape or dtype than in ``like``.
+    """
+    leaves = []
+    for path, want in jax.tree_util.tree_leaves_with_path(like):
+        key = prefix + jax.tree_util.keystr(path)
+        shape = list(np.shape(want)) if rows is None else [rows, *np.shape(want)[1:]]
+        got = arrays.get(key)
+        if got is None or list(got.shape) != shape or got.dtype != want.dtype:
+            spec = None if got is None else f"{got.dtype}{list(got.shape)}"
+            raise Unusable(f"array {key!r} is {spec}, this run needs {want.dtype}{shape}")
+        leaves.append(got)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)

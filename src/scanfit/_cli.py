@@ -26,7 +26,12 @@ import numpy as np
 import optax
 
 from scanfit import _checks, _data, _models
-from scanfit._errors import CheckpointMismatchError, DivergenceError
+from scanfit._errors import (
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    DivergenceError,
+)
 from scanfit._fit import fit
 from scanfit._linear import _grad, scan_training_step
 from scanfit._sweep import rank, sweep
@@ -707,7 +712,13 @@ def main(argv: list[str] | None = None) -> int:
             _plot(args.plot, summary)
         if args.json:
             _write_json(args.json, summary)
-    except (_UsageError, _data.DataError, CheckpointMismatchError) as err:
+    except (
+        _UsageError,
+        _data.DataError,
+        CheckpointMismatchError,
+        CheckpointLockedError,
+        CheckpointWriteError,
+    ) as err:
         return _fail(err, 2)
     except MemoryError:
         return _fail("out of memory; use a smaller --batch-size, --hidden or --steps", 2)

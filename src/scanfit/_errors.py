@@ -22,4 +22,33 @@ class DivergenceError(FloatingPointError):
 
 
 class CheckpointMismatchError(ValueError):
-    """The newest checkpoint in ``checkpoint_dir`` belongs to another run (tree, shapes, data)."""
+    """The newest checkpoint in ``checkpoint_dir`` belongs to another run: the message names
+    what differs (the update program, initial params, data contents, key, settings)."""
+
+
+class CheckpointLockedError(RuntimeError):
+    """Another run holds ``checkpoint_dir``: one writer per directory."""
+
+
+class CheckpointWriteError(OSError):
+    """``checkpoint_dir`` cannot be written: not writable, read-only, or the disk is full.
+
+    Attributes:
+      errno: the operating system's error number (``errno.ENOSPC``, ``errno.EROFS``, ...).
+      filename: the path that could not be written.
+      state: when raised while saving, the trained state that could not be saved: a
+        ``TrainResult`` like ``DivergenceError.state``; None when raised before training.
+    """
+
+    def __init__(self, message: str, *, errno: int | None, path: str, state: Any = None):
+        super().__init__(message)
+        self.errno = errno
+        self.filename = path
+        self.state = state
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno 28] ..." without our message
+        return self.args[0]
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint file is damaged or not this run's: it is skipped and left in place."""

@@ -9,6 +9,7 @@ chunk is already running meanwhile. Per-update work on the host is zero.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -23,9 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
+from scanfit import (
+    _adapters,
+    _checkpoint,
+    _checkpoint_dir,
+    _checks,
+    _fingerprint,
+    _parallel,
+    _progress,
+)
 from scanfit._conv import canonical_convs
-from scanfit._errors import CheckpointMismatchError, DivergenceError
+from scanfit._errors import CheckpointMismatchError, CheckpointWriteError, DivergenceError
 from scanfit._loop import (
     PyTree,
     TrainResult,
@@ -155,32 +164,51 @@ class _Source:
         return jax.device_put(chunk), None
 
 
-def _data_digest(data: PyTree) -> str:
-    """A cheap content check: the bytes of the first and last microbatch of every leaf."""
-    h = hashlib.sha1()
-    for leaf in jax.tree.leaves(data):
-        h.update(np.ascontiguousarray(np.asarray(leaf[:1])).tobytes())
-        h.update(np.ascontiguousarray(np.asarray(leaf[-1:])).tobytes())
-    return h.hexdigest()
+def _fingerprint_of(loss_fn, optimizer, state, data, *, extended, **entries) -> dict[str, Any]:
+    """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
+    run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
+    them)."""
+    program = _update_program(
+        loss_fn, optimizer, state, data, entries["rng"],
+        accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
+    )  # fmt: skip
+    fingerprint = _fingerprint.fingerprint(
+        program=program,
+        params=_host(state.params),
+        opt_state=_host(state.opt_state),
+        model_state=_host(_keys_as_data(state.model_state)),
+        data=data,
+        **entries,
+    )
+    if jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(bytes.fromhex(fingerprint["data"]["sha256"]), np.uint8)
+        every = np.asarray(multihost_utils.process_allgather(mine))
+        fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
+    return fingerprint
 
 
-def _fingerprint(
-    params, opt_state, model_state, data, *, key, rng, accumulate, has_aux
-) -> dict[str, Any]:
-    return {
-        "params": _checkpoint.spec(params),
-        "opt_state": _checkpoint.spec(opt_state),
-        "model_state": _checkpoint.spec(model_state),
-        "rng": _key_list(rng),
-        "data": {**_checkpoint.spec(data), "content_sha1": _data_digest(data)},
-        "accumulate": accumulate,
-        "has_aux": has_aux,
-        "key": _key_list(key),
-    }
-
-
-def _key_list(key) -> list | None:
-    return None if key is None else np.asarray(jax.random.key_data(key)).tolist()
+def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
+    """The text of one update as fit compiles it: the loss, the optimizer and every
+    hyper-parameter they close over. Lowered on abstract values of one update's
+    microbatches, so where the data lives and how long the run is leave it unchanged;
+    non-finite handling is left out (it is a fingerprint entry of its own)."""
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    k = settings["accumulate"]
+    lead = (1, k) if k > 1 else (1,)
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype), data)
+    return _chunk.lower(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        state=jax.tree.map(spec, state),
+        data=one,
+        idx=None,
+        rng=rng,
+        unroll=1,
+        skip_nonfinite=False,
+        **settings,
+    ).as_text()
 
 
 def _is_key(x) -> bool:
@@ -335,13 +363,28 @@ def fit(
       on_chunk: called as ``on_chunk(info: ChunkInfo)`` after each chunk;
         returning ``False`` stops training cleanly (with a final checkpoint).
       checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
-        chunk boundaries and at the end.
+        chunk boundaries and at the end. The run holds a lock on it
+        (``.lock``) from start to end, and checks it is writable before
+        training. Every array and the metadata are checksummed; a checkpoint
+        that fails the check is skipped with a ``CheckpointWarning``, never
+        loaded and never deleted.
       checkpoint_every: save when at least this many updates have passed
         since the last save; ``None``: after every chunk.
-      keep: how many of the newest checkpoints to keep.
-      resume: continue from the newest valid checkpoint in ``checkpoint_dir``
-        (a bool).
-        A checkpoint of another run (other tree, shapes or data) is an error.
+      keep: how many of this run's newest checkpoints to keep. Other files
+        (damaged ones, another run's) are left in place and not counted.
+      resume: continue from the newest sound checkpoint in ``checkpoint_dir``.
+        It must be this run's: its fingerprint covers the update program (the
+        loss and the optimizer with every setting, e.g. the learning rate),
+        the initial params, optimizer state and model state, every byte of
+        ``data``, ``key``, ``rng``, ``accumulate``, ``has_aux``, and the
+        non-finite policy (``"raise"`` and ``"ignore"`` count as one until an
+        update is non-finite). A difference raises ``CheckpointMismatchError``
+        naming it. ``epochs`` may differ: the run goes on to its new end.
+        Fingerprinting hashes all the data once per call (about 0.8 s per GiB
+        here) and lowers one update; it is done only with ``checkpoint_dir``.
+        ``False``: start afresh; the checkpoints already there are moved into
+        ``checkpoint_dir/previous-<k>/`` (nothing is deleted), so a later
+        resume finds this run's.
       nan_policy: ``"raise"`` (what ``None`` means, unless
         ``skip_nonfinite=True``): after a chunk with a non-finite loss,
         params or optimizer state, raise ``DivergenceError`` with the exact
@@ -374,6 +417,11 @@ def fit(
       DivergenceError: ``nan_policy="raise"`` and training diverged.
       scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
         belongs to another run.
+      scanfit.CheckpointLockedError: another run holds ``checkpoint_dir``.
+      scanfit.CheckpointWriteError: ``checkpoint_dir`` is not writable (before
+        training), or saving failed (disk full, read-only...): the message
+        names the path and the reason, the checkpoints saved before are
+        intact, and the trained state is attached as ``.state``.
       ValueError, TypeError: bad arguments, as for ``scan_train`` (which
         also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
         with a ``nan_policy`` other than ``"skip"``; ``resume`` or
@@ -429,49 +477,60 @@ def fit(
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
     history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
-    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
+    ckpt_dir = None if checkpoint_dir is None else _checkpoint_dir.check_path(checkpoint_dir)
+    checkpoints = None  # locked from here to the end of the run
     if ckpt_dir is not None:
-        fingerprint = _fingerprint(
-            params,
-            state.opt_state,
-            model_state,
-            data,
-            key=key,
-            rng=rng,
-            accumulate=accumulate,
-            has_aux=has_aux,
+        checkpoints = _checkpoint_dir.CheckpointDir(
+            ckpt_dir,
+            keep=keep,
+            writer=jax.process_index() == 0,  # one writer, whatever the hosts
         )
-    if ckpt_dir is not None and ckpt_dir.is_dir():
-        _checkpoint.clean_temporaries(ckpt_dir)
-        if resume:
-            restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh)
+        with checkpoints.closing_on_error():
+            fingerprint = _fingerprint_of(
+                loss_fn, optimizer, state, data, extended=model.extended, key=key, rng=rng,
+                accumulate=accumulate, has_aux=has_aux, nan_policy=policy,
+            )  # fmt: skip
+            checkpoints.differences = functools.partial(_differences, current=fingerprint)
+            restored = None
+            if resume:
+                restored = _restore(checkpoints, state, empty_aux, total, epochs, mesh)
+            else:
+                checkpoints.move_aside()
             if restored is not None:
                 state, history = restored
 
     def save(state: TrainState) -> None:
-        if ckpt_dir is None or jax.process_index() != 0:  # one writer, whatever the hosts
+        if checkpoints is None or not checkpoints.writer:
             return
         step = _int(state.step)
         result = history.result(state)
-        _checkpoint.save(
-            ckpt_dir,
-            step,
-            {
-                "params": state.params,
-                "opt_state": state.opt_state,
-                "model_state": _keys_as_data(state.model_state),
-                "counters": {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
-                "losses": result.losses,
-                "aux": result.aux,
-            },
-            {
-                "fingerprint": fingerprint,
-                "epoch": step // per_epoch if per_epoch else 0,
-                "scanfit_version": _version(),
-            },
-            keep,
-        )
+        skipped, first_bad = _host((state.skipped, state.first_nonfinite))
+        try:
+            checkpoints.save(
+                step,
+                {
+                    "params": state.params,
+                    "opt_state": state.opt_state,
+                    "model_state": _keys_as_data(state.model_state),
+                    "counters": {"skipped": skipped, "first_nonfinite": first_bad},
+                    "losses": result.losses,
+                    "aux": result.aux,
+                },
+                {
+                    "fingerprint": fingerprint,
+                    "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
+                    "epoch": step // per_epoch if per_epoch else 0,
+                    "scanfit_version": _version(),
+                },
+            )
+        except CheckpointWriteError as err:
+            raise CheckpointWriteError(
+                f"{err}. The checkpoints saved before are intact; the trained state (update "
+                f"{step}) is attached as .state.",
+                errno=err.errno,
+                path=err.filename,
+                state=model.finish(result),
+            ) from err
 
     static = dict(
         loss_fn=loss_fn,
@@ -503,7 +562,10 @@ def fit(
     step = _int(state.step)
     last_saved = step
     flight = None  # the chunk the host waits on next
-    with _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar:
+    with (
+        _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar,
+        checkpoints or contextlib.nullcontext(),  # releases the directory's lock
+    ):
         try:
             if step < total:
                 flight = launch(state, step, next_inputs(step))
@@ -587,61 +649,74 @@ def _version() -> str:
     return __version__
 
 
-def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
-    found = _checkpoint.newest_valid(ckpt_dir)
-    if found is None:
-        return None
-    meta, arrays = found
-    diffs = _checkpoint.differences(meta["fingerprint"], fingerprint)
-    if diffs:
-        raise CheckpointMismatchError(
-            f"the newest checkpoint in {str(ckpt_dir)!r} (step {meta['step']}) belongs to another "
-            "run: " + "; ".join(diffs) + ". Use another checkpoint_dir, or resume=False to "
-            "start afresh (its checkpoints are then replaced as the new run saves)."
-        )
-    step = meta["step"]
-    if step > total:
-        raise CheckpointMismatchError(
-            f"the newest checkpoint in {str(ckpt_dir)!r} is at update {step}, past the "
-            f"{total} updates of this run (epochs={epochs})."
-        )
+def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
+    """How a checkpoint's run differs from this one (``_fingerprint.differences``)."""
+    saved = meta.get("fingerprint")
+    if not isinstance(saved, dict):
+        return ["it holds no fingerprint"]
+    # "raise" and "ignore" compile the same program: until an update is non-finite they are
+    # the same run ("skip" compiles another, which rounds differently).
+    policies = {saved.get("nan_policy"), current["nan_policy"]}
+    same = policies <= {"raise", "ignore"} and not meta.get("nonfinite_seen", True)
+    return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
 
-    def as_device(like, prefix):
-        # NumPy saves ml_dtypes arrays (bfloat16) as raw void bytes: view them back.
-        def restore(old, saved):
-            return jnp.asarray(saved.view(old.dtype) if saved.dtype.kind == "V" else saved)
 
-        return jax.tree.map(restore, like, _checkpoint.unflatten(prefix, like, arrays))
+def _restore(checkpoints, state, empty_aux, total, epochs, mesh):
+    """(state, history) from the newest checkpoint that verifies, or None if there is none.
 
-    try:
-        counters = _checkpoint.unflatten(
-            "counters",
-            {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite},
-            arrays,
+    Damaged checkpoints are skipped with a warning; if the newest sound one belongs to
+    another run (or lies past this one's end), that is an error, never a silent restart.
+    """
+    for found in checkpoints.verified():
+        where = f"the newest checkpoint in {str(checkpoints.path)!r} (step {found.step})"
+        if found.differences:
+            raise CheckpointMismatchError(
+                f"{where} belongs to another run: " + "; ".join(found.differences) + ". Pass "
+                "another checkpoint_dir, or resume=False to start afresh (the checkpoints "
+                "there are then moved into previous-<k>/, nothing is deleted)."
+            )
+        if found.step > total:
+            raise CheckpointMismatchError(
+                f"the newest checkpoint in {str(checkpoints.path)!r} is at update {found.step}, "
+                f"past the {total} updates of this run (epochs={epochs})."
+            )
+        try:
+            return _unpack(found.step, found.arrays, state, empty_aux, mesh)
+        except _checkpoint.Unusable as err:
+            checkpoints.reject(found.path, str(err))
+    return None
+
+
+def _unpack(step, arrays, state, empty_aux, mesh):
+    """The saved arrays as (TrainState, _History); ``_checkpoint.Unusable`` if they do not
+    fit this run or hold counters no run can reach."""
+    like = {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite}
+    counters = _checkpoint.unflatten("counters", like, arrays)
+    skipped, first_bad = int(counters["skipped"]), int(counters["first_nonfinite"])
+    if not (0 <= skipped <= step and -1 <= first_bad < step):
+        raise _checkpoint.Unusable(
+            f"its counters are out of range for update {step}: skipped={skipped}, "
+            f"first_nonfinite={first_bad}"
         )
-        model_state = _keys_from_data(
-            state.model_state, as_device(_keys_as_data(state.model_state), "model_state")
-        )
-        restored = TrainState(
-            as_device(state.params, "params"),
-            as_device(state.opt_state, "opt_state"),
-            model_state,
-            jnp.asarray(step, jnp.int32),
-            jnp.asarray(counters["skipped"]),
-            jnp.asarray(counters["first_nonfinite"]),
-        )
-        aux = (
-            _checkpoint.unflatten("aux", empty_aux, arrays)
-            if jax.tree.leaves(empty_aux)
-            else empty_aux
-        )
-        losses = arrays["losses"]
-    except KeyError as err:  # a fingerprint that matches over arrays that do not
-        raise CheckpointMismatchError(
-            f"the newest checkpoint in {str(ckpt_dir)!r} (step {step}) has no array {err}: "
-            f"it was written by scanfit {meta.get('scanfit_version')!r} or edited since. "
-            "Use another checkpoint_dir, or resume=False to start afresh."
-        ) from None
+    losses = arrays.get("losses")
+    if losses is None or losses.shape != (step,):
+        shape = None if losses is None else losses.shape
+        raise _checkpoint.Unusable(f"its losses have shape {shape}, not ({step},)")
+    aux = _checkpoint.unflatten("aux", empty_aux, arrays, rows=step)
+    as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
+        jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
+    )
+    model_state = _keys_from_data(
+        state.model_state, as_device(_keys_as_data(state.model_state), "model_state")
+    )
+    restored = TrainState(
+        as_device(state.params, "params"),
+        as_device(state.opt_state, "opt_state"),
+        model_state,
+        jnp.asarray(step, jnp.int32),
+        jnp.asarray(skipped, jnp.int32),
+        jnp.asarray(first_bad, jnp.int32),
+    )
     if mesh is not None:
         restored = _parallel.put_replicated(restored, mesh)
     return restored, _History(losses, aux)
