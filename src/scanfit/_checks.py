@@ -355,8 +355,8 @@ def check_eval_args(
     ``form`` is how eval_fn is called, for the messages.
     """
     if eval_fn is None:
-        given = [(n, v) for n, v in (("eval_data", eval_data), ("eval_every", eval_every),
-                                     ("best", best), ("patience", patience)) if v is not None]  # fmt: skip
+        named = {"eval_data": eval_data, "eval_every": eval_every, "best": best}
+        given = [(n, v) for n, v in {**named, "patience": patience}.items() if v is not None]
         if given:
             name, value = given[0]
             raise ValueError(

@@ -171,8 +171,12 @@ def record(spec: EvalSpec, ev: EvalState, state: Any, metrics: dict) -> EvalStat
 
 def init_log(state: Any, slots: int, loss_spec: Any, aux_spec: PyTree) -> Log:
     """Empty sums for ``slots`` groups of ``log_every`` updates, starting at ``state.step``."""
-    zeros = lambda s: jnp.zeros((slots, *s.shape), jnp.result_type(s.dtype, jnp.float32))  # noqa: E731
-    return Log(state.step, zeros(loss_spec), jax.tree.map(zeros, aux_spec), jnp.zeros(slots, jnp.int32))
+
+    def zeros(s):
+        return jnp.zeros((slots, *s.shape), jnp.result_type(s.dtype, jnp.float32))
+
+    count = jnp.zeros(slots, jnp.int32)
+    return Log(state.step, zeros(loss_spec), jax.tree.map(zeros, aux_spec), count)
 
 
 def logging(update: Callable, log_every: int | None) -> Callable:
@@ -279,6 +283,7 @@ def _concat(parts: list, *, per_update: bool):
 def pad(values: np.ndarray, length: int) -> np.ndarray:
     """Host side: ``values`` (n, ...) extended to ``length`` as a skipped piece reports them."""
     kind = values.dtype.kind
-    fill = np.nan if kind in "fc" or values.dtype.name == "bfloat16" else (-1 if kind in "iu" else 0)
+    inexact = kind in "fc" or values.dtype.name == "bfloat16"
+    fill = np.nan if inexact else (-1 if kind in "iu" else 0)
     extra = np.full((length - len(values), *values.shape[1:]), fill, values.dtype)
     return np.concatenate([values, extra])

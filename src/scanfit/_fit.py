@@ -23,12 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
+from scanfit import _adapters, _checkpoint, _checks, _eval, _parallel, _progress
 from scanfit._errors import CheckpointMismatchError, DivergenceError
-from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
+from scanfit._loop import (
+    PyTree,
+    TrainResult,
+    TrainState,
+    epoch_order,
+    eval_settings,
+    init_state,
+    result_of,
+    run_chunk,
+)
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
+_STATIC += ("evaluation", "layout", "log_every")
 _chunk = jax.jit(run_chunk, static_argnames=_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
@@ -222,25 +232,31 @@ def _check_fit_settings(
 class _History:
     """Per-update losses and aux gathered on the host, chunk by chunk."""
 
-    def __init__(self, losses: np.ndarray, aux: PyTree):
+    def __init__(self, losses: np.ndarray, aux: PyTree, evaluation=None, sizes=(0, 0)):
         self.losses = [losses]
         self.aux = [aux]
+        self.metrics: list = []
+        self.evaluation = evaluation
+        self.sizes = sizes  # (logged losses, evaluations) of the whole run, to pad after a stop
 
-    def add(self, losses: np.ndarray, aux: PyTree) -> None:
+    def add(self, losses: np.ndarray, aux: PyTree, metrics: Any = None) -> None:
         self.losses.append(_host(losses))
         self.aux.append(_host(aux))
+        if metrics is not None:
+            self.metrics.append(_host(metrics))
 
     def result(self, state: TrainState) -> TrainResult:
         losses = np.concatenate(self.losses)
         aux = jax.tree.map(lambda *a: np.concatenate(a), *self.aux)
-        return TrainResult(
-            state.params,
-            state.opt_state,
-            jax.device_put(losses),  # a transfer; jnp.asarray would compile per shape
-            jax.device_put(aux),
-            state.skipped,
-            state.first_nonfinite,
-            state.model_state,
+        metrics = None
+        if self.evaluation is not None and self.metrics:  # after a stop, pad as scan_train does
+            losses = _eval.pad(losses, self.sizes[0])
+            aux = jax.tree.map(lambda a: _eval.pad(a, self.sizes[0]), aux)
+            metrics = jax.tree.map(lambda *m: np.concatenate(m), *self.metrics)
+            metrics = jax.tree.map(lambda m: jax.device_put(_eval.pad(m, self.sizes[1])), metrics)
+        # jax.device_put: a transfer; jnp.asarray would compile per shape
+        return result_of(
+            state, jax.device_put(losses), jax.device_put(aux), metrics, self.evaluation
         )
 
 
@@ -269,6 +285,12 @@ def fit(
     nan_policy: str = "raise",
     mesh: Any = None,
     devices: Any = None,
+    eval_fn: Callable | None = None,
+    eval_data: PyTree = None,
+    eval_every: int | None = None,
+    best: tuple[str, str] | None = None,
+    patience: int | None = None,
+    log_every: int | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -315,6 +337,13 @@ def fit(
         of every microbatch as ``data``; process 0 writes the checkpoints.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
+      eval_fn, eval_data, eval_every, best, patience, log_every: as for
+        ``scan_train``, with the same results at any ``chunk_steps``: an
+        evaluation falls where the run's update count crosses a multiple of
+        ``eval_every``, wherever chunks start (one compiled program per
+        position of those boundaries in a chunk: pick ``chunk_steps`` a multiple
+        of ``eval_every`` for one). After an early stop no further chunk is
+        dispatched. ``chunk_steps`` must be a multiple of ``log_every``.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -327,6 +356,7 @@ def fit(
       ValueError, TypeError: bad arguments, as for ``scan_train``.
       KeyboardInterrupt: re-raised after saving the last completed chunk.
     """
+    params_in, model_state_in = params, model_state
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -364,13 +394,24 @@ def fit(
     per_epoch = n // accumulate
     total = epochs * per_epoch
     chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
+    evaluation = eval_settings(
+        eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
+        log_every=log_every, params=params_in, model_state=model_state_in, model=model,
+        updates=total,
+    )  # fmt: skip
+    _checks.check_log_every(log_every, total, chunk)
     source = _Source(data, key, n, accumulate, mesh)
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
     state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
+    if evaluation is not None:
+        state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
-    history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
+    log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
+    sizes = (total // (log_every or 1), _eval.layout(0, total, evaluation and evaluation.every,
+                                                     total).evaluations)  # fmt: skip
+    history = _History(np.zeros((0,), log_dtype), empty_aux, evaluation, sizes)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
     if ckpt_dir is not None:
@@ -415,7 +456,7 @@ def fit(
             keep,
         )
 
-    run = functools.partial(
+    compiled = functools.partial(
         _chunk if policy == "raise" else _chunk_donating,
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -425,7 +466,17 @@ def fit(
         skip_nonfinite=policy == "skip",
         extended=model.extended,
         rng=rng,
+        eval_data=eval_data,
+        evaluation=evaluation,
+        log_every=log_every,
     )
+
+    def run(*, state, data, idx, start):
+        count = jax.tree.leaves(data if idx is None else idx)[0].shape[0]
+        every = evaluation and evaluation.every
+        lay = None if evaluation is None else _eval.layout(start, count, every, total)
+        return compiled(state=state, data=data, idx=idx, layout=lay)
+
     # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
     # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
     # idle while the host checks, reports and checkpoints. It costs a third copy of the
@@ -435,7 +486,8 @@ def fit(
 
     def launch(state: TrainState, start: int, inputs) -> _Flight:
         count = min(chunk, total - start)
-        return _Flight(state, start, count, inputs, run(state=state, data=inputs[0], idx=inputs[1]))
+        outputs = run(state=state, data=inputs[0], idx=inputs[1], start=start)
+        return _Flight(state, start, count, inputs, outputs)
 
     def next_inputs(start: int):
         return source.inputs(start, min(chunk, total - start)) if start < total else None
@@ -452,12 +504,13 @@ def fit(
                 nxt = flight.start + flight.count
                 # The next chunk's transfer starts before this chunk is waited on.
                 inputs = next_inputs(nxt)
-                new_state, losses, aux, params_finite = flight.outputs
+                new_state, losses, aux, params_finite, metrics = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
-                losses, aux, bad, params_finite, skipped = _host(
-                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped)
-                )
+                losses, aux, bad, params_finite, skipped, stopped = _host(
+                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped,
+                     _stopped_at(new_state))
+                )  # fmt: skip
                 bad, skipped = int(bad), int(skipped)
                 if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
@@ -469,9 +522,9 @@ def fit(
                     err.state = model.finish(err.state)
                     raise err
                 state, step, flight = new_state, nxt, None
-                history.add(losses, aux)
+                history.add(losses, aux, metrics)
                 bar.update(step, float(np.mean(losses)), skipped)
-                stop = False
+                stop = int(stopped) >= 0  # early stopping: the carry says so
                 if on_chunk is not None:
                     info = ChunkInfo(
                         step,
@@ -482,7 +535,7 @@ def fit(
                         state.params,
                         skipped,
                     )
-                    stop = on_chunk(info) is False
+                    stop = (on_chunk(info) is False) or stop
                 if ckpt_dir is not None and (
                     stop
                     or step == total
@@ -498,13 +551,13 @@ def fit(
                 flight = ahead
         except KeyboardInterrupt:
             if flight is not None:  # the chunk waited on: keep it if it completes cleanly
-                new_state, losses, aux, params_finite = flight.outputs
+                new_state, losses, aux, params_finite, metrics = flight.outputs
                 clean = policy != "raise" or (
                     _int(new_state.first_nonfinite) < 0 and bool(_host(params_finite))
                 )
                 if clean:
                     state = new_state
-                    history.add(losses, aux)
+                    history.add(losses, aux, metrics)
             if _int(state.step) > last_saved:
                 save(state)
             raise
@@ -520,6 +573,16 @@ def fit(
 
 
 _host = _parallel.to_host
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _eval_init(spec, params, model_state, eval_data):
+    return _eval.init(spec, params, model_state, eval_data)
+
+
+def _stopped_at(state: TrainState) -> jax.Array | int:
+    """The update at which early stopping ended the run, -1 while running or without eval."""
+    return -1 if state.evaluation is None else state.evaluation.stopped_at
 
 
 def _int(x) -> int:
@@ -607,16 +670,17 @@ def _divergence(run, start_state, inputs, start, bad, history, save, losses, ckp
             good_state, good_losses, good_aux = start_state, losses[:0], None
             break
         cut = lambda a, n=good_count: a[:n]  # noqa: E731
-        good_state, good_losses, good_aux, params_finite = run(
+        good_state, good_losses, good_aux, params_finite, good_metrics = run(
             state=start_state,
             data=jax.tree.map(cut, data) if idx is None else data,
             idx=None if idx is None else cut(idx),
+            start=start,
         )
         if bool(_host(params_finite)):
             break
         bad -= 1
     if good_count:
-        history.add(good_losses, good_aux)
+        history.add(good_losses, good_aux, good_metrics)
     save(good_state)
     where = f" and saved in {str(ckpt_dir)!r}" if ckpt_dir is not None else ""
     loss = float(losses[bad - start]) if bad - start < len(losses) else float("nan")

@@ -415,7 +415,8 @@ def train(
     total = epochs * n // accumulate
     orders = None
     if key is not None:  # 4 bytes per microbatch of the run, as run_epochs computes them
-        orders = jax.vmap(lambda e: epoch_order(key, e, n))(jnp.arange(epochs, dtype=jnp.int32)).reshape(-1)
+        epochs_ = jnp.arange(epochs, dtype=jnp.int32)
+        orders = jax.vmap(lambda e: epoch_order(key, e, n))(epochs_).reshape(-1)
 
     def body(state, u):
         rows = update_rows(u, orders, n, accumulate)
