@@ -507,10 +507,9 @@ def fit(
                 new_state, losses, aux, params_finite, metrics = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
-                losses, aux, bad, params_finite, skipped, stopped = _host(
-                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped,
-                     _stopped_at(new_state))
-                )  # fmt: skip
+                losses, aux, bad, params_finite, skipped = _host(
+                    (losses, aux, new_state.first_nonfinite, params_finite, new_state.skipped)
+                )
                 bad, skipped = int(bad), int(skipped)
                 if policy == "raise" and bad < 0 and not bool(params_finite):
                     bad = nxt  # the last update's loss was finite, its new params are not
@@ -524,7 +523,7 @@ def fit(
                 state, step, flight = new_state, nxt, None
                 history.add(losses, aux, metrics)
                 bar.update(step, float(np.mean(losses)), skipped)
-                stop = int(stopped) >= 0  # early stopping: the carry says so
+                stop = _stopped_at(new_state) >= 0  # early stopping: the carry says so
                 if on_chunk is not None:
                     info = ChunkInfo(
                         step,
@@ -580,9 +579,12 @@ def _eval_init(spec, params, model_state, eval_data):
     return _eval.init(spec, params, model_state, eval_data)
 
 
-def _stopped_at(state: TrainState) -> jax.Array | int:
-    """The update at which early stopping ended the run, -1 while running or without eval."""
-    return -1 if state.evaluation is None else state.evaluation.stopped_at
+def _stopped_at(state: TrainState) -> int:
+    """The update at which early stopping ended the run, -1 while running or without eval.
+
+    Read after the chunk's own fetch, so the chunk is done: no extra wait.
+    """
+    return -1 if state.evaluation is None else _int(state.evaluation.stopped_at)
 
 
 def _int(x) -> int:

@@ -542,6 +542,29 @@ def scan_train(
       unroll: passed to the inner ``lax.scan``.
       skip_nonfinite: an update whose loss, gradient or new params are
         non-finite leaves params and optimizer state unchanged, and is counted.
+      model_state, rng: the extended loss form
+        ``loss_fn(params, model_state, batch, rng) -> (loss, new_model_state)``.
+      eval_fn: ``eval_fn(params, batch) -> {name: scalar}`` (extended form:
+        ``eval_fn(params, model_state, batch)``), run inside the program on each
+        microbatch of ``eval_data``; ``res.metrics[name]`` holds the means over
+        them. An NNX module gets ``eval_fn(model, batch)`` with the model rebuilt
+        from the current state in ``model.eval()`` mode (running BatchNorm
+        statistics, no dropout; its state changes dropped). An Equinox module
+        gets ``eval_fn(model, batch)`` (or ``(model, state, batch)``); switch it
+        to inference yourself, e.g. ``eqx.nn.inference_mode(model)``.
+      eval_data: pytree of arrays with a leading axis M of eval microbatches,
+        scanned one at a time (memory holds one).
+      eval_every: evaluate when the number of updates done is a multiple of it,
+        and after the last update; ``None``: after the last update only.
+      best: ``(metric, "min" | "max")``: keep the params (and model state) of the
+        best evaluation so far in the carry (a select, no host round trip).
+      patience: with ``best``, stop after this many evaluations in a row without
+        a strict improvement; the remaining updates are skipped inside the
+        program (one ``lax.cond`` per evaluation interval), not computed.
+      log_every: ``losses`` and ``aux`` hold means over groups of this many
+        updates, summed in the carry instead of stacked per update; it must
+        divide the number of updates. After an early stop, a group's mean is over
+        the updates done in it, NaN for a group with none.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -549,12 +572,22 @@ def scan_train(
     (a float learning rate is an argument, not part of the program).
 
     Returns:
-      A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``.
+      A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``,
+      or ``(updates // log_every,)``. With ``eval_fn``: ``metrics`` (each of
+      shape (evaluations,), ``"step"`` the updates done at each; evaluations
+      skipped after an early stop hold NaN and step -1, as do the skipped
+      updates' losses), ``stopped_at`` (-1 if the run went to the end); with
+      ``best``: ``best_params``, ``best_model_state``, ``best_step`` (-1 and the
+      initial state if no evaluation improved on +-inf, e.g. all NaN).
 
     Raises:
       ValueError: data leaves with different leading axes, ``accumulate`` not
         dividing N, ``epochs < 1``, a loss that is not a scalar, an
-        ``opt_state`` that does not match the optimizer and params.
+        ``opt_state`` that does not match the optimizer and params; an
+        evaluation argument without ``eval_fn`` (or ``eval_fn`` without
+        ``eval_data``), ``eval_fn`` not returning a dict of scalars, ``best``
+        not naming one of its metrics with ``"min"`` or ``"max"``, ``patience``
+        without ``best``, ``log_every`` not dividing the updates.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
         ``key`` not a PRNG key, params not floating, ``loss_fn`` not callable.
 
@@ -568,6 +601,19 @@ def scan_train(
       (400,)
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
+
+      Evaluated every 40 updates inside the program, stopping 2 evaluations
+      after the best (the validation targets here favour w = 1):
+
+      >>> res = scanfit.scan_train(loss, {"w": 0.0, "b": 0.0}, optax.adam(0.1),
+      ...                          (x, 2 * x + 1), epochs=50, log_every=8,
+      ...                          eval_fn=lambda p, b: {"val": loss(p, b)},
+      ...                          eval_data=(x[:2], x[:2] + 1), eval_every=40,
+      ...                          best=("val", "min"), patience=2)
+      >>> int(res.best_step), int(res.stopped_at), res.losses.shape
+      (40, 120, (50,))
+      >>> res.metrics["step"][:4].tolist()
+      [40, 80, 120, -1]
     """
     params_in = params
     model = _adapters.adapt(
