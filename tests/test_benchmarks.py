@@ -19,10 +19,12 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
         [sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("seed", "lowering", "loop", "fit", "sweep", "models", "peers"):
+    for suite in ("seed", "lowering", "loop", "fit", "sweep", "models", "peers", "eval"):
         assert f"===== {suite}: ok" in proc.stdout
         payload = json.loads((tmp_path / f"{suite}.json").read_text())
         assert payload  # each suite wrote its figures
     peers = json.loads((tmp_path / "peers.json").read_text())
     assert peers["rows"]["scanfit_fit"]["warm_updates_per_s"] > 0
     assert peers["ceiling_updates_per_s"] > 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["stopped_at"] == evaluation["config"]["updates"] // 3

@@ -376,27 +376,57 @@ ERRORS = [
     ({**EV, "eval_fn": 3}, TypeError, r"eval_fn must be callable as eval_fn\(params, batch\)"),
     ({**EV, "eval_every": 0}, ValueError, r"eval_every must be an integer >= 1.*got 0"),
     ({**EV, "eval_every": 2.5}, ValueError, r"eval_every must be an integer >= 1.*got 2.5"),
-    ({**EV, "eval_data": (np.zeros((0, 8, F)), np.zeros((0, 8)))}, ValueError,
-     r"eval_data\[0\] must be an array with a leading axis of M >= 1"),  # fmt: skip
-    ({**EV, "eval_data": (np.zeros((2, 8, F)), np.zeros((3, 8)))}, ValueError,
-     r"eval_data leaves must share the leading axis M"),  # fmt: skip
-    ({**EV, "eval_fn": loss}, ValueError,
-     r"eval_fn must return a non-empty dict.*got an array of shape \(\)"),  # fmt: skip
-    ({**EV, "eval_fn": _bad_eval_shape}, ValueError,
-     r"metric 'val_loss' is an array of shape \(3,\)"),  # fmt: skip
+    (
+        {**EV, "eval_data": (np.zeros((0, 8, F)), np.zeros((0, 8)))},
+        ValueError,
+        r"eval_data\[0\] must be an array with a leading axis of M >= 1",
+    ),
+    (
+        {**EV, "eval_data": (np.zeros((2, 8, F)), np.zeros((3, 8)))},
+        ValueError,
+        r"eval_data leaves must share the leading axis M",
+    ),
+    (
+        {**EV, "eval_fn": loss},
+        ValueError,
+        r"eval_fn must return a non-empty dict.*got an array of shape \(\)",
+    ),
+    (
+        {**EV, "eval_fn": _bad_eval_shape},
+        ValueError,
+        r"metric 'val_loss' is an array of shape \(3,\)",
+    ),
     ({**EV, "eval_fn": lambda p, b: {"step": loss(p, b)}}, ValueError, r"other than 'step'"),
-    ({**EV, "best": "val_loss"}, ValueError,
-     r"best must be a pair \(metric name, 'min' or 'max'\).*got 'val_loss'"),  # fmt: skip
-    ({**EV, "best": ("val_loss", "minimum")}, ValueError,
-     r"mode must be 'min' or 'max', got 'minimum'"),  # fmt: skip
-    ({**EV, "best": ("acc", "max")}, ValueError,
-     r"names metric 'acc', but eval_fn returns \['hits', 'neg_loss', 'val_loss'\]"),  # fmt: skip
-    ({**EV, "patience": 3}, ValueError,
-     r"patience=3 needs best=\(metric, 'min' or 'max'\).*got best=None"),  # fmt: skip
-    ({**EV, "patience": 0, "best": ("val_loss", "min")}, ValueError,
-     r"patience must be an integer >= 1.*got 0"),  # fmt: skip
-    (dict(log_every=7), ValueError,
-     r"log_every=7 must divide the number of updates of the run \(20\)"),  # fmt: skip
+    (
+        {**EV, "best": "val_loss"},
+        ValueError,
+        r"best must be a pair \(metric name, 'min' or 'max'\).*got 'val_loss'",
+    ),
+    (
+        {**EV, "best": ("val_loss", "minimum")},
+        ValueError,
+        r"mode must be 'min' or 'max', got 'minimum'",
+    ),
+    (
+        {**EV, "best": ("acc", "max")},
+        ValueError,
+        r"names metric 'acc', but eval_fn returns \['hits', 'neg_loss', 'val_loss'\]",
+    ),
+    (
+        {**EV, "patience": 3},
+        ValueError,
+        r"patience=3 needs best=\(metric, 'min' or 'max'\).*got best=None",
+    ),
+    (
+        {**EV, "patience": 0, "best": ("val_loss", "min")},
+        ValueError,
+        r"patience must be an integer >= 1.*got 0",
+    ),
+    (
+        dict(log_every=7),
+        ValueError,
+        r"log_every=7 must divide the number of updates of the run \(20\)",
+    ),
     (dict(log_every=-1), ValueError, r"log_every must be an integer >= 1.*got -1"),
 ]
 
