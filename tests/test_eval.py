@@ -271,6 +271,22 @@ def test_fit_with_log_every_equals_scan_train(nan_policy):
     assert_trees_equal(got, want)
 
 
+def test_fit_on_two_devices_evaluates_as_one(tmp_path):
+    data, eval_data = problem(batch=8)
+    kw = dict(epochs=4, eval_fn=eval_fn, eval_data=eval_data, eval_every=5,
+              best=("val_loss", "min"), patience=2)  # fmt: skip
+    want = scanfit.scan_train(loss, P0, OPT, data, **kw)
+    got = scanfit.fit(loss, P0, OPT, data, devices=2, chunk_steps=8, progress=False, **kw)
+    assert int(got.stopped_at) == int(want.stopped_at) and got.best_step == want.best_step
+    np.testing.assert_array_equal(got.metrics["step"], want.metrics["step"])
+    # The batch mean is reduced across two devices: float32 reassociation.
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="resuming a run with eval_fn"):
+        for _ in range(2):  # the second call finds the first one's checkpoint
+            scanfit.fit(loss, P0, OPT, data, checkpoint_dir=tmp_path, progress=False, **kw)
+
+
 def test_sweep_configs_stop_on_their_own_as_single_runs(x64):
     data, eval_data = problem()
     data = jax.tree.map(lambda a: a.astype(np.float64), data)

@@ -389,6 +389,8 @@ def fit(
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
         _parallel.check_batch(data, mesh)
+        if eval_data is not None:  # evaluated whole on every device (the same on every host)
+            eval_data = _parallel.put_replicated(eval_data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     policy = "skip" if skip_nonfinite else nan_policy
     per_epoch = n // accumulate
@@ -429,6 +431,12 @@ def fit(
         _checkpoint.clean_temporaries(ckpt_dir)
         if resume:
             restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh)
+            if restored is not None and evaluation is not None:
+                raise NotImplementedError(
+                    f"resuming a run with eval_fn from {str(ckpt_dir)!r} is not supported yet: "
+                    "its checkpoints do not hold the best state and patience count. Pass "
+                    "resume=False or another checkpoint_dir."
+                )
             if restored is not None:
                 state, history = restored
 
