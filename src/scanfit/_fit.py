@@ -410,9 +410,9 @@ def fit(
         state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
+    every = None if evaluation is None else evaluation.every
     log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
-    sizes = (total // (log_every or 1), _eval.layout(0, total, evaluation and evaluation.every,
-                                                     total).evaluations)  # fmt: skip
+    sizes = (total // (log_every or 1), _eval.layout(0, total, every, total).evaluations)
     history = _History(np.zeros((0,), log_dtype), empty_aux, evaluation, sizes)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     fingerprint = None  # only checkpoints need it: hashing data costs ~0.4 ms a call
@@ -481,7 +481,6 @@ def fit(
 
     def run(*, state, data, idx, start):
         count = jax.tree.leaves(data if idx is None else idx)[0].shape[0]
-        every = evaluation and evaluation.every
         lay = None if evaluation is None else _eval.layout(start, count, every, total)
         return compiled(state=state, data=data, idx=idx, layout=lay)
 
