@@ -287,14 +287,15 @@ def test_fit_on_two_devices_evaluates_as_one(tmp_path):
             scanfit.fit(loss, P0, OPT, data, checkpoint_dir=tmp_path, progress=False, **kw)
 
 
-def test_sweep_configs_stop_on_their_own_as_single_runs(x64):
+@pytest.mark.parametrize("log_every", [None, 4])
+def test_sweep_configs_stop_on_their_own_as_single_runs(x64, log_every):
     data, eval_data = problem()
     data = jax.tree.map(lambda a: a.astype(np.float64), data)
     eval_data = jax.tree.map(lambda a: a.astype(np.float64), eval_data)
     params = jax.tree.map(lambda a: a.astype(np.float64), P0)
     lrs = [0.01, 0.03, 0.1]
     kw = dict(epochs=4, eval_fn=eval_fn, eval_data=eval_data, eval_every=4,
-              best=("val_loss", "min"), patience=2)  # fmt: skip
+              best=("val_loss", "min"), patience=2, log_every=log_every)  # fmt: skip
     res = scanfit.sweep(loss, params, lambda lr: optax.adam(lr), data, {"lr": lrs}, **kw)
     stops = []
     for i, lr in enumerate(lrs):
