@@ -19,7 +19,7 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
         [sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("seed", "lowering", "loop", "fit", "sweep", "models", "peers", "conv"):
+    for suite in ("seed", "lowering", "loop", "fit", "sweep", "models", "peers", "conv", "eval"):
         assert f"===== {suite}: ok" in proc.stdout
         payload = json.loads((tmp_path / f"{suite}.json").read_text())
         assert payload  # each suite wrote its figures
@@ -28,3 +28,5 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
     assert peers["ceiling_updates_per_s"] > 0
     conv = json.loads((tmp_path / "conv.json").read_text())
     assert conv["cnn"]["rows"]["scan_train"]["updates_per_s"] > 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["stopped_at"] == evaluation["config"]["updates"] // 3

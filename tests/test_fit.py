@@ -792,6 +792,8 @@ def test_a_run_whose_every_update_is_skipped_says_so():
         res = scanfit.fit(loss, jnp.ones(()), 0.1, jnp.ones((6, 1)), nan_policy="skip",
                           progress=False)  # fmt: skip
     assert int(res.skipped) == 6
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

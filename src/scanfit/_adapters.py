@@ -83,6 +83,27 @@ def adapt(
     return Adapted(loss_fn, params, model_state, extended, _same)
 
 
+def adapt_eval(eval_fn: Callable | None, params: PyTree, model_state: Any) -> Callable | None:
+    """``eval_fn`` over a module passed as ``params``, called as the loop calls it.
+
+    NNX: ``eval_fn(model, batch)`` becomes the extended form over (Params, the rest),
+    with the model rebuilt and switched to ``model.eval()``. Equinox:
+    ``eval_fn(model, batch)`` or ``(model, state, batch)`` with the combined module.
+    Other pytrees, and None, pass as they are.
+    """
+    if eval_fn is None or not callable(eval_fn):
+        return eval_fn
+    if _module_of("nnx", params):
+        from flax import nnx
+
+        return _NNXEval(eval_fn, nnx.graphdef(params))
+    if _module_of("equinox", params) and not _module_of("equinox", model_state):
+        import equinox as eqx
+
+        return _EquinoxLoss(eval_fn, eqx.partition(params, eqx.is_inexact_array)[1])
+    return eval_fn
+
+
 def _reject_train_state(params: Any) -> None:
     names = ("apply_fn", "tx", "opt_state", "params", "step")
     if all(hasattr(params, n) for n in names) and not isinstance(params, dict):
@@ -116,6 +137,21 @@ class _NNXLoss:
         return loss, (rest, aux)
 
 
+@dataclasses.dataclass(frozen=True)
+class _NNXEval:
+    """``eval_fn(model, batch)`` over (Params, rest): the model in eval mode, changes dropped."""
+
+    eval_fn: Callable
+    graphdef: Any
+
+    def __call__(self, params, rest, batch):
+        from flax import nnx
+
+        model = nnx.merge(self.graphdef, params, rest, copy=True)
+        model.eval()  # running BatchNorm statistics, no dropout; on this copy only
+        return self.eval_fn(model, batch)
+
+
 def _adapt_nnx(loss_fn, module, *, model_state, rng, has_aux, update_module) -> Adapted:
     from flax import nnx
 
@@ -140,7 +176,7 @@ def _adapt_nnx(loss_fn, module, *, model_state, rng, has_aux, update_module) -> 
 
 @dataclasses.dataclass(frozen=True)
 class _EquinoxLoss:
-    """The user's loss over an Equinox module, called with its trainable arrays."""
+    """The user's loss (or eval_fn) over an Equinox module, called with its trainable arrays."""
 
     loss_fn: Callable
     static: Any  # the module's non-array leaves: hashable, part of the compiled program
@@ -169,7 +205,11 @@ def _adapt_equinox(loss_fn, module, *, model_state, rng) -> Adapted:
         )
 
     def finish(result):
-        return result._replace(params=eqx.combine(result.params, static))
+        best = result.best_params
+        return result._replace(
+            params=eqx.combine(result.params, static),
+            best_params=None if best is None else eqx.combine(best, static),
+        )
 
     extended = model_state is not None or rng is not None
     return Adapted(_EquinoxLoss(loss_fn, static), params, model_state, extended, finish)

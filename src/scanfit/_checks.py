@@ -387,3 +387,131 @@ def check_train_args(
     if opt_state is not None:
         check_opt_state(opt_state, optimizer or optax.sgd(lr), params)
     return params, optimizer, lr, n, key, loss_spec
+
+
+def check_eval_data(eval_data: Any) -> int:
+    """Eval data: a pytree of arrays sharing a leading axis M >= 1; returns M."""
+    leaves = jax.tree_util.tree_leaves_with_path(eval_data)
+    if not leaves:
+        raise ValueError(
+            "eval_data must be a pytree of arrays with a leading axis M of eval microbatches, "
+            f"got {describe(eval_data)}."
+        )
+    for path, leaf in leaves:
+        if not hasattr(leaf, "shape") or len(leaf.shape) < 1 or leaf.shape[0] < 1:
+            raise ValueError(
+                f"eval_data{_path(path)} must be an array with a leading axis of M >= 1 eval "
+                f"microbatches (M, ...), got {describe(leaf)}."
+            )
+    sizes = {leaf.shape[0] for _, leaf in leaves}
+    if len(sizes) > 1:
+        listing = ", ".join(f"eval_data{_path(p)}: {tuple(leaf.shape)}" for p, leaf in leaves)
+        raise ValueError(f"eval_data leaves must share the leading axis M; got shapes {listing}.")
+    return sizes.pop()
+
+
+def _check_positive(name: str, value: Any, meaning: str) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 ({meaning}) or None, got {value!r}.")
+
+
+def check_eval_args(
+    eval_fn: Any,
+    eval_data: Any,
+    *,
+    eval_every: Any,
+    best: Any,
+    patience: Any,
+    form: str,
+    metrics_of: Any,
+) -> None:
+    """The evaluation arguments; ``metrics_of(batch_spec)`` traces eval_fn abstractly.
+
+    ``form`` is how eval_fn is called, for the messages.
+    """
+    if eval_fn is None:
+        named = {"eval_data": eval_data, "eval_every": eval_every, "best": best}
+        given = [(n, v) for n, v in {**named, "patience": patience}.items() if v is not None]
+        if given:
+            name, value = given[0]
+            raise ValueError(
+                f"{name} needs eval_fn, as {form} -> {{name: scalar}}; got eval_fn=None and "
+                f"{name}={describe(value)}."
+            )
+        return
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable as {form} -> {{name: scalar}}, got "
+                        f"{describe(eval_fn)}.")  # fmt: skip
+    if eval_data is None:
+        raise ValueError(
+            "eval_fn needs eval_data: a pytree of arrays with a leading axis M of eval "
+            "microbatches (each metric is averaged over the M), got eval_data=None."
+        )
+    check_eval_data(eval_data)
+    _check_positive("eval_every", eval_every, "updates between evaluations")
+    _check_positive("patience", patience, "evaluations without improvement before stopping")
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), eval_data)
+    names = _check_metrics(metrics_of(batch), form)
+    if best is not None:
+        _check_best(best, names)
+    elif patience is not None:
+        raise ValueError(
+            f"patience={patience!r} needs best=(metric, 'min' or 'max') to know what counts as "
+            "an improvement, got best=None."
+        )
+
+
+def _check_metrics(out: Any, form: str) -> list[str]:
+    if not isinstance(out, dict) or not out:
+        raise ValueError(
+            f"eval_fn must return a non-empty dict of metric name -> scalar, e.g. "
+            f"{{'val_loss': loss}}, as {form}; got {describe(out)}."
+        )
+    for name, value in out.items():
+        if not isinstance(name, str) or name == "step":
+            raise ValueError(
+                f"eval_fn must name its metrics with strings other than 'step' (res.metrics"
+                f"['step'] holds the update count of each evaluation), got {name!r}."
+            )
+        dtype = getattr(value, "dtype", None)
+        if getattr(value, "shape", None) != () or not (
+            jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+        ):
+            raise ValueError(
+                f"eval_fn must return scalars (shape ()), each metric of one eval microbatch; "
+                f"metric {name!r} is {describe(value)}. Reduce it over the batch, e.g. jnp.mean."
+            )
+    return list(out)
+
+
+def _check_best(best: Any, names: list[str]) -> None:
+    if not (isinstance(best, (tuple, list)) and len(best) == 2 and isinstance(best[0], str)):
+        raise ValueError(
+            "best must be a pair (metric name, 'min' or 'max'), e.g. ('val_loss', 'min'), "
+            f"got {best!r}."
+        )
+    name, mode = best
+    if mode not in ("min", "max"):
+        raise ValueError(f"best={tuple(best)!r}: the mode must be 'min' or 'max', got {mode!r}.")
+    if name not in names:
+        raise ValueError(
+            f"best={tuple(best)!r} names metric {name!r}, but eval_fn returns {sorted(names)}."
+        )
+
+
+def check_log_every(log_every: Any, updates: int, chunk: int | None = None) -> None:
+    """log_every must divide the run's updates (and fit's chunk_steps, when given)."""
+    _check_positive("log_every", log_every, "updates averaged into each logged loss")
+    if log_every is None:
+        return
+    if updates % log_every:
+        raise ValueError(
+            f"log_every={log_every} must divide the number of updates of the run ({updates}), "
+            f"so every logged value is a mean over log_every updates; pick a divisor of "
+            f"{updates}."
+        )
+    if chunk is not None and chunk % log_every:
+        raise ValueError(
+            f"chunk_steps={chunk} must be a multiple of log_every={log_every}, so no logged "
+            "mean spans two chunks."
+        )

@@ -29,6 +29,7 @@ from scanfit import (
     _checkpoint,
     _checkpoint_dir,
     _checks,
+    _eval,
     _fingerprint,
     _parallel,
     _progress,
@@ -40,21 +41,24 @@ from scanfit._loop import (
     TrainResult,
     TrainState,
     epoch_order,
+    eval_settings,
     finite_per_update,
     init_state,
+    result_of,
     run_chunk,
 )
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
-_chunk = jax.jit(canonical_convs(run_chunk), static_argnames=_STATIC)
+# After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
+_finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
+_CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every")
+_chunk = jax.jit(canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
 _chunk_donating = jax.jit(
-    canonical_convs(run_chunk), static_argnames=_STATIC, donate_argnames=("state",)
+    canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
 )
-# After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
-_finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames="optimizer")
@@ -227,6 +231,8 @@ def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
         return jax.random.wrap_key_data(x, impl=jax.random.key_impl(old)) if _is_key(old) else x
 
     return jax.tree.map(restore, like, tree)
+
+
 # Without chunk_steps a chunk holds at most this many updates and this many bytes of
 # per-update outputs: a run of 10**9 updates must neither compile as one program nor
 # stack gigabytes of losses on the device before it reports anything.
@@ -289,27 +295,67 @@ def _check_fit_settings(
 
 
 class _History:
-    """Per-update losses and aux gathered on the host, chunk by chunk."""
+    """Per-update losses and aux (and evaluations) gathered on the host, chunk by chunk."""
 
-    def __init__(self, losses: np.ndarray, aux: PyTree):
+    def __init__(
+        self,
+        losses: np.ndarray,
+        aux: PyTree,
+        evaluation=None,
+        sizes=(0, 0),
+        metrics: dict | None = None,
+        log_every: int | None = None,
+        total: int = 0,
+    ):
         self.losses = [losses]
         self.aux = [aux]
+        self.metrics: list = [] if metrics is None else [metrics]
+        self.evaluation = evaluation
+        self.sizes = sizes  # (logged losses, evaluations) of the whole run, to pad after a stop
+        self.log_every = log_every
+        self.total = total  # updates in the whole run
 
-    def add(self, losses: np.ndarray, aux: PyTree) -> None:
-        self.losses.append(_host(losses))
-        self.aux.append(_host(aux))
+    def like(self, losses: np.ndarray, aux: PyTree, metrics: dict | None) -> _History:
+        """A history of this run holding the given arrays (a checkpoint's)."""
+        return _History(
+            losses, aux, self.evaluation, self.sizes, metrics, self.log_every, self.total
+        )
 
-    def result(self, state: TrainState) -> TrainResult:
+    def rows(self, step: int) -> tuple[int, int]:
+        """(logged losses, evaluations) of the first ``step`` updates of the run."""
+        every = None if self.evaluation is None else self.evaluation.every
+        evaluations = _eval.layout(0, step, every, self.total).evaluations if step else 0
+        return -(-step // (self.log_every or 1)), evaluations  # a stop may end a log group
+
+    def raw(self, step: int | None = None) -> tuple[np.ndarray, PyTree, dict | None]:
+        """(losses, aux, metrics) so far, unpadded, up to update ``step``: what a checkpoint
+        holds. (An early stop ends a chunk at ``step``; the chunk reported past it.)"""
         losses = np.concatenate(self.losses)
         aux = jax.tree.map(lambda *a: np.concatenate(a), *self.aux)
-        return TrainResult(
-            state.params,
-            state.opt_state,
-            jax.device_put(losses),  # a transfer; jnp.asarray would compile per shape
-            jax.device_put(aux),
-            state.skipped,
-            state.first_nonfinite,
-            state.model_state,
+        metrics = None
+        if self.metrics:
+            metrics = jax.tree.map(lambda *m: np.concatenate(m), *self.metrics)
+        if step is not None:
+            n, evaluations = self.rows(step)
+            losses, aux = losses[:n], jax.tree.map(lambda a: a[:n], aux)
+            metrics = jax.tree.map(lambda m: m[:evaluations], metrics)
+        return losses, aux, metrics
+
+    def add(self, losses: np.ndarray, aux: PyTree, metrics: Any = None) -> None:
+        self.losses.append(_host(losses))
+        self.aux.append(_host(aux))
+        if metrics is not None:
+            self.metrics.append(_host(metrics))
+
+    def result(self, state: TrainState) -> TrainResult:
+        losses, aux, metrics = self.raw()
+        if self.evaluation is not None and metrics is not None:  # after a stop, pad as scan_train
+            losses = _eval.pad(losses, self.sizes[0])
+            aux = jax.tree.map(lambda a: _eval.pad(a, self.sizes[0]), aux)
+            metrics = jax.tree.map(lambda m: jax.device_put(_eval.pad(m, self.sizes[1])), metrics)
+        # jax.device_put: a transfer; jnp.asarray would compile per shape
+        return result_of(
+            state, jax.device_put(losses), jax.device_put(aux), metrics, self.evaluation
         )
 
 
@@ -338,6 +384,12 @@ def fit(
     nan_policy: str | None = None,
     mesh: Any = None,
     devices: Any = None,
+    eval_fn: Callable | None = None,
+    eval_data: PyTree = None,
+    eval_every: int | None = None,
+    best: tuple[str, str] | None = None,
+    patience: int | None = None,
+    log_every: int | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -408,6 +460,13 @@ def fit(
         of every microbatch as ``data``; process 0 writes the checkpoints.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
+      eval_fn, eval_data, eval_every, best, patience, log_every: as for
+        ``scan_train``, with the same results at any ``chunk_steps``: an
+        evaluation falls where the run's update count crosses a multiple of
+        ``eval_every``, wherever chunks start (one compiled program per
+        position of those boundaries in a chunk: pick ``chunk_steps`` a multiple
+        of ``eval_every`` for one). After an early stop no further chunk is
+        dispatched. ``chunk_steps`` must be a multiple of ``log_every``.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -430,6 +489,7 @@ def fit(
       KeyboardInterrupt: re-raised after saving the last completed chunk; its
         ``step`` attribute is the update that saved state reached.
     """
+    params_in, model_state_in = params, model_state
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -465,18 +525,34 @@ def fit(
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
         _parallel.check_batch(data, mesh)
+        if eval_data is not None:  # evaluated whole on every device (the same on every host)
+            eval_data = _parallel.put_replicated(eval_data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     per_epoch = n // accumulate
     total = epochs * per_epoch
     per_update_bytes = _checks.output_bytes(loss_spec, aux_spec)
     chunk = _chunk_size(chunk_steps, checkpoint_every, total, per_update_bytes)
+    evaluation = eval_settings(
+        eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
+        log_every=log_every, params=params_in, model_state=model_state_in, model=model,
+        updates=total,
+    )  # fmt: skip
+    _checks.check_log_every(log_every, total, chunk)
     source = _Source(data, key, n, accumulate, mesh)
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
     state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
+    if evaluation is not None:
+        state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
     if mesh is not None:
         state = _parallel.put_replicated(state, mesh)
-    history = _History(np.zeros((0,), loss_spec.dtype), empty_aux)
+    every = None if evaluation is None else evaluation.every
+    log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
+    sizes = (total // (log_every or 1), _eval.layout(0, total, every, total).evaluations)
+    empty_metrics = _empty_metrics(evaluation, params, model_state, eval_data)
+    history = _History(
+        np.zeros((0,), log_dtype), empty_aux, evaluation, sizes, empty_metrics, log_every, total
+    )
     ckpt_dir = None if checkpoint_dir is None else _checkpoint_dir.check_path(checkpoint_dir)
     checkpoints = None  # locked from here to the end of the run
     if ckpt_dir is not None:
@@ -488,12 +564,13 @@ def fit(
         with checkpoints.closing_on_error():
             fingerprint = _fingerprint_of(
                 loss_fn, optimizer, state, data, extended=model.extended, key=key, rng=rng,
-                accumulate=accumulate, has_aux=has_aux, nan_policy=policy,
+                accumulate=accumulate, has_aux=has_aux, nan_policy=policy, log_every=log_every,
+                **_eval_entries(evaluation, params, model_state, eval_data),
             )  # fmt: skip
             checkpoints.differences = functools.partial(_differences, current=fingerprint)
             restored = None
             if resume:
-                restored = _restore(checkpoints, state, empty_aux, total, epochs, mesh)
+                restored = _restore(checkpoints, state, history, total, epochs, mesh)
             else:
                 checkpoints.move_aside()
             if restored is not None:
@@ -503,7 +580,7 @@ def fit(
         if checkpoints is None or not checkpoints.writer:
             return
         step = _int(state.step)
-        result = history.result(state)
+        losses, aux, metrics = history.raw(step)
         skipped, first_bad = _host((state.skipped, state.first_nonfinite))
         try:
             checkpoints.save(
@@ -513,8 +590,11 @@ def fit(
                     "opt_state": state.opt_state,
                     "model_state": _keys_as_data(state.model_state),
                     "counters": {"skipped": skipped, "first_nonfinite": first_bad},
-                    "losses": result.losses,
-                    "aux": result.aux,
+                    "losses": losses,
+                    "aux": aux,
+                    # The best state so far, the patience count and whether the run stopped.
+                    "evaluation": _keys_as_data(state.evaluation),
+                    "metrics": metrics,
                 },
                 {
                     "fingerprint": fingerprint,
@@ -529,7 +609,7 @@ def fit(
                 f"{step}) is attached as .state.",
                 errno=err.errno,
                 path=err.filename,
-                state=model.finish(result),
+                state=model.finish(history.result(state)),
             ) from err
 
     static = dict(
@@ -542,8 +622,20 @@ def fit(
         extended=model.extended,
         rng=rng,
     )
-    run = functools.partial(_chunk if policy == "raise" else _chunk_donating, **static)
+    compiled = functools.partial(
+        _chunk if policy == "raise" else _chunk_donating,
+        **static,
+        eval_data=eval_data,
+        evaluation=evaluation,
+        log_every=log_every,
+    )
     search = functools.partial(_finite_per_update, **static)
+
+    def run(*, state, data, idx, start):
+        count = jax.tree.leaves(data if idx is None else idx)[0].shape[0]
+        lay = None if evaluation is None else _eval.layout(start, count, every, total)
+        return compiled(state=state, data=data, idx=idx, layout=lay)
+
     # Without donation (nan_policy="raise") chunk k's outputs stay readable after chunk k+1
     # is dispatched on them, so k+1 goes out before the host waits on k: the device does not
     # idle while the host checks, reports and checkpoints. It costs a third copy of the
@@ -553,7 +645,8 @@ def fit(
 
     def launch(state: TrainState, start: int, inputs) -> _Flight:
         count = min(chunk, total - start)
-        return _Flight(state, start, count, inputs, run(state=state, data=inputs[0], idx=inputs[1]))
+        outputs = run(state=state, data=inputs[0], idx=inputs[1], start=start)
+        return _Flight(state, start, count, inputs, outputs)
 
     def next_inputs(start: int):
         return source.inputs(start, min(chunk, total - start)) if start < total else None
@@ -567,13 +660,13 @@ def fit(
         checkpoints or contextlib.nullcontext(),  # releases the directory's lock
     ):
         try:
-            if step < total:
+            if step < total and _stopped_at(state) < 0:  # a stopped run stays stopped
                 flight = launch(state, step, next_inputs(step))
             while flight is not None:
                 nxt = flight.start + flight.count
                 # The next chunk's transfer starts before this chunk is waited on.
                 inputs = next_inputs(nxt)
-                new_state, losses, aux, state_finite = flight.outputs
+                new_state, losses, aux, state_finite, metrics = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
                 losses, aux, bad, state_finite, skipped = _host(
@@ -585,9 +678,9 @@ def fit(
                     err.state = model.finish(err.state)
                     raise err
                 state, step, flight = new_state, nxt, None
-                history.add(losses, aux)
+                history.add(losses, aux, metrics)
                 bar.update(step, float(np.mean(losses)), skipped)
-                stop = False
+                stop = _stopped_at(new_state) >= 0  # early stopping: the carry says so
                 if on_chunk is not None:
                     info = ChunkInfo(
                         step,
@@ -598,7 +691,7 @@ def fit(
                         state.params,
                         skipped,
                     )
-                    stop = on_chunk(info) is False
+                    stop = (on_chunk(info) is False) or stop
                 if ckpt_dir is not None and (
                     stop
                     or step == total
@@ -614,13 +707,13 @@ def fit(
                 flight = ahead
         except KeyboardInterrupt as interrupt:
             if flight is not None:  # the chunk waited on: keep it if it completes cleanly
-                new_state, losses, aux, state_finite = flight.outputs
+                new_state, losses, aux, state_finite, metrics = flight.outputs
                 clean = policy != "raise" or (
                     _int(new_state.first_nonfinite) < 0 and bool(_host(state_finite))
                 )
                 if clean:
                     state = new_state
-                    history.add(losses, aux)
+                    history.add(losses, aux, metrics)
             if _int(state.step) > last_saved:
                 save(state)
             interrupt.step = _int(state.step)  # where a rerun resumes (the CLI says so)
@@ -637,6 +730,19 @@ def fit(
 
 
 _host = _parallel.to_host
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _eval_init(spec, params, model_state, eval_data):
+    return _eval.init(spec, params, model_state, eval_data)
+
+
+def _stopped_at(state: TrainState) -> int:
+    """The update at which early stopping ended the run, -1 while running or without eval.
+
+    Read after the chunk's own fetch, so the chunk is done: no extra wait.
+    """
+    return -1 if state.evaluation is None else _int(state.evaluation.stopped_at)
 
 
 def _int(x) -> int:
@@ -661,7 +767,7 @@ def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
     return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
 
 
-def _restore(checkpoints, state, empty_aux, total, epochs, mesh):
+def _restore(checkpoints, state, history, total, epochs, mesh):
     """(state, history) from the newest checkpoint that verifies, or None if there is none.
 
     Damaged checkpoints are skipped with a warning; if the newest sound one belongs to
@@ -681,15 +787,16 @@ def _restore(checkpoints, state, empty_aux, total, epochs, mesh):
                 f"past the {total} updates of this run (epochs={epochs})."
             )
         try:
-            return _unpack(found.step, found.arrays, state, empty_aux, mesh)
+            return _unpack(found.step, found.arrays, state, history, mesh)
         except _checkpoint.Unusable as err:
             checkpoints.reject(found.path, str(err))
     return None
 
 
-def _unpack(step, arrays, state, empty_aux, mesh):
+def _unpack(step, arrays, state, history, mesh):
     """The saved arrays as (TrainState, _History); ``_checkpoint.Unusable`` if they do not
-    fit this run or hold counters no run can reach."""
+    fit this run or hold counters no run can reach. ``state`` and ``history`` are the
+    fresh ones of this run: the structures to fill."""
     like = {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite}
     counters = _checkpoint.unflatten("counters", like, arrays)
     skipped, first_bad = int(counters["skipped"]), int(counters["first_nonfinite"])
@@ -698,28 +805,60 @@ def _unpack(step, arrays, state, empty_aux, mesh):
             f"its counters are out of range for update {step}: skipped={skipped}, "
             f"first_nonfinite={first_bad}"
         )
+    rows, evaluations = history.rows(step)
     losses = arrays.get("losses")
-    if losses is None or losses.shape != (step,):
+    if losses is None or losses.shape != (rows,):
         shape = None if losses is None else losses.shape
-        raise _checkpoint.Unusable(f"its losses have shape {shape}, not ({step},)")
-    aux = _checkpoint.unflatten("aux", empty_aux, arrays, rows=step)
-    as_device = lambda like, prefix: jax.tree.map(  # noqa: E731
-        jnp.asarray, _checkpoint.unflatten(prefix, like, arrays)
-    )
-    model_state = _keys_from_data(
-        state.model_state, as_device(_keys_as_data(state.model_state), "model_state")
-    )
+        raise _checkpoint.Unusable(f"its losses have shape {shape}, not ({rows},)")
+    empty_losses, empty_aux, empty_metrics = history.raw()
+    aux = _checkpoint.unflatten("aux", empty_aux, arrays, rows=rows)
+    metrics = None
+    if empty_metrics is not None:
+        metrics = _checkpoint.unflatten("metrics", empty_metrics, arrays, rows=evaluations)
+
+    def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
+        saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
+        return _keys_from_data(like, jax.tree.map(jnp.asarray, saved))
+
     restored = TrainState(
         as_device(state.params, "params"),
         as_device(state.opt_state, "opt_state"),
-        model_state,
+        as_device(state.model_state, "model_state"),
         jnp.asarray(step, jnp.int32),
         jnp.asarray(skipped, jnp.int32),
         jnp.asarray(first_bad, jnp.int32),
+        as_device(state.evaluation, "evaluation"),
     )
     if mesh is not None:
         restored = _parallel.put_replicated(restored, mesh)
-    return restored, _History(losses, aux)
+    return restored, history.like(losses, aux, metrics)
+
+
+def _empty_metrics(evaluation, params, model_state, eval_data) -> dict | None:
+    """The run's evaluations as zero-length arrays: ``{name: (0,), "step": (0,)}``."""
+    if evaluation is None:
+        return None
+    shapes = jax.eval_shape(
+        functools.partial(_eval.evaluate, evaluation), params, model_state, eval_data
+    )
+    empty = {name: np.zeros((0,), s.dtype) for name, s in shapes.items()}
+    return {**empty, "step": np.zeros((0,), np.int32)}
+
+
+def _eval_entries(evaluation, params, model_state, eval_data) -> dict[str, Any]:
+    """Fingerprint entries of the evaluation: its settings, its program and its data."""
+    if evaluation is None:
+        return {}
+    program = (
+        jax.jit(functools.partial(_eval.evaluate, evaluation))
+        .lower(params, model_state, eval_data)
+        .as_text()
+    )
+    return {
+        "eval_settings": repr((evaluation.every, evaluation.best, evaluation.patience)),
+        "eval_program": _fingerprint.program_digest(program),
+        "eval_data": _host(eval_data),
+    }
 
 
 def _divergence(run, search, flight: _Flight, history, save, losses, ckpt_dir):
@@ -742,10 +881,13 @@ def _divergence(run, search, flight: _Flight, history, save, losses, ckpt_dir):
         # Cut by index on the host: slicing device arrays would compile once per leaf.
         # A chunk's own microbatches (idx None) are rows 0..C-1 of it, whatever accumulate.
         rows = np.arange(good_count) if idx is None else np.asarray(idx)[:good_count]
-        good_state, good_losses, good_aux, _ = run(
-            state=flight.state, data=data, idx=jax.device_put(rows.astype(np.int32))
+        good_state, good_losses, good_aux, _, good_metrics = run(
+            state=flight.state,
+            data=data,
+            idx=jax.device_put(rows.astype(np.int32)),
+            start=flight.start,
         )
-        history.add(good_losses, good_aux)
+        history.add(good_losses, good_aux, good_metrics)
     save(good_state)
     where = f" and saved in {str(ckpt_dir)!r}" if ckpt_dir is not None else ""
     loss = float(losses[good_count])

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _adapters, _checks
+from scanfit import _adapters, _checks, _eval
 from scanfit._conv import canonical_convs
 
 PyTree = Any
@@ -34,6 +34,17 @@ class TrainResult(NamedTuple):
     first_nonfinite: jax.Array  # shape=(), int32: first update with a non-finite loss
     #   (with skip_nonfinite: loss, gradient or new params), counted from 0; -1 if none
     model_state: PyTree = None  # the model state after the last update; None without one
+    # With eval_fn (None without): shape=(evaluations,) per metric, and "step" (int32):
+    # the updates done at each evaluation. Evaluations skipped after an early stop hold
+    # NaN, and step -1.
+    metrics: dict[str, jax.Array] | None = None
+    best_params: PyTree = None  # with best: params at the best evaluation (the initial
+    #   params if no evaluation improved on +-inf, e.g. all NaN); else None
+    best_model_state: PyTree = None  # with best: the model state at the best evaluation
+    best_step: jax.Array | None = None  # with best: shape=(), int32, updates done at the
+    #   best evaluation; -1 if none improved
+    stopped_at: jax.Array | None = None  # with eval_fn: shape=(), int32, the update count
+    #   at which early stopping (patience) ended the run; -1 if it ran to the end
 
 
 class TrainState(NamedTuple):
@@ -45,11 +56,16 @@ class TrainState(NamedTuple):
     step: jax.Array  # shape=(), int32: updates done so far (over the whole run in fit)
     skipped: jax.Array  # shape=(), int32
     first_nonfinite: jax.Array  # shape=(), int32, -1 if none
+    evaluation: _eval.EvalState | None = None  # best state, patience, stop; None without eval_fn
 
 
-def init_state(params: PyTree, opt_state: PyTree, model_state: PyTree = None) -> TrainState:
+def init_state(
+    params: PyTree, opt_state: PyTree, model_state: PyTree = None, evaluation=None
+) -> TrainState:
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the carry is donated)
-    return TrainState(params, opt_state, model_state, zero(), zero(), jnp.full((), -1, jnp.int32))
+    return TrainState(
+        params, opt_state, model_state, zero(), zero(), jnp.full((), -1, jnp.int32), evaluation
+    )
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -167,7 +183,14 @@ def make_update(
             ok = jnp.isfinite(loss)
         first_bad = jnp.where((state.first_nonfinite < 0) & ~ok, state.step, state.first_nonfinite)
         skipped = state.skipped + (~ok).astype(jnp.int32) if skip_nonfinite else state.skipped
-        new_state = TrainState(params, opt_state, model_state, state.step + 1, skipped, first_bad)
+        new_state = state._replace(
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
+            step=state.step + 1,
+            skipped=skipped,
+            first_nonfinite=first_bad,
+        )
         return new_state, (loss, aux)
 
     return update
@@ -222,6 +245,43 @@ def run_epochs(
     return state, (flatten(losses), jax.tree.map(flatten, aux))
 
 
+def run_laid_out(body, state: TrainState, lay, xs, expand, example, *, evaluation, eval_data,
+                 log_every, unroll):  # fmt: skip
+    """Runs updates laid out in pieces that end at evaluations (see ``_eval``).
+
+    ``body(state, x)`` is one update; ``xs`` the pieces' inputs, which
+    ``expand(piece_xs, length)`` turns into the ``length`` per-update inputs of a
+    piece; ``example`` one per-update input (for shapes). Returns
+    ``(state, losses, aux, metrics)``; with ``log_every`` losses and aux are
+    means over groups of ``log_every`` updates.
+    """
+    log = None
+    if log_every is not None:
+        count = lay.head + lay.n_full * lay.every + lay.tail
+        loss_spec, aux_spec = jax.eval_shape(body, state, example)[1]
+        log = _eval.init_log(state, -(-count // log_every), loss_spec, aux_spec)
+    step = _eval.logging(body, log_every)
+
+    def run_piece(carry, piece_xs, length):
+        return lax.scan(step, carry, expand(piece_xs, length), unroll=unroll)
+
+    (state, log), outs, metrics = _eval.run_pieces(
+        (state, log), lay, xs, run_piece, evaluation, eval_data
+    )
+    losses, aux = outs if log is None else _eval.log_means(log)
+    return state, losses, aux, metrics
+
+
+def _split(xs: PyTree, lay) -> tuple[PyTree, PyTree, PyTree]:
+    """Per-update inputs (leading axis: the updates) as (head, whole intervals, tail)."""
+    h, full = lay.head, lay.n_full * lay.every
+    return (
+        jax.tree.map(lambda a: a[:h], xs),
+        jax.tree.map(lambda a: a[h : h + full].reshape(lay.n_full, lay.every, *a.shape[1:]), xs),
+        jax.tree.map(lambda a: a[h + full :], xs),
+    )
+
+
 def run_chunk(
     loss_fn,
     optimizer,
@@ -229,12 +289,16 @@ def run_chunk(
     data: PyTree,
     idx,
     rng=None,
+    eval_data=None,
     *,
     accumulate: int,
     has_aux: bool,
     unroll: int,
     skip_nonfinite: bool,
     extended: bool = False,
+    evaluation: _eval.EvalSpec | None = None,
+    layout: _eval.Layout | None = None,
+    log_every: int | None = None,
 ):
     """A run of updates, as ``fit`` compiles it per chunk.
 
@@ -242,10 +306,14 @@ def run_chunk(
     update i gathers microbatches ``idx[i]`` from ``data`` (leaves (N, ...));
     with ``idx=None``, ``data`` already holds the chunk's microbatches, leaves
     (C, accumulate, ...), or (C, ...) without accumulation.
-    Returns ``(state, losses, aux, state_finite)``: the last is a scalar bool,
-    all of the params, optimizer state and model state finite, computed in the graph once
-    per chunk, so the host reads one flag instead of walking the state. (An
-    infinite Adam ``nu`` leaves params finite but frozen: it must count.)
+    With ``evaluation``, ``layout`` (``_eval.layout`` of the chunk's updates in the
+    run) says where evaluations fall, so a chunk boundary never moves one.
+    Returns ``(state, losses, aux, state_finite, metrics)``: ``state_finite`` is a
+    scalar bool, all of the params, optimizer state and model state finite,
+    computed in the graph once per chunk, so the host reads one flag instead of
+    walking the state (an infinite Adam ``nu`` leaves params finite but frozen:
+    it must count); ``metrics`` are the chunk's evaluations (None without), as
+    ``TrainResult.metrics``.
     """
     update = make_update(
         loss_fn,
@@ -256,11 +324,21 @@ def run_chunk(
         extended=extended,
         rng=rng,
     )
-    if idx is None:
-        state, (losses, aux) = lax.scan(update, state, data, unroll=unroll)
+    body = update if idx is None else gathering(update, data)
+    xs = data if idx is None else idx
+    if evaluation is None and log_every is None:
+        state, (losses, aux) = lax.scan(body, state, xs, unroll=unroll)
+        metrics = None
     else:
-        state, (losses, aux) = lax.scan(gathering(update, data), state, idx, unroll=unroll)
-    return state, losses, aux, _all_finite((state.params, state.opt_state, state.model_state))
+        count = jax.tree.leaves(xs)[0].shape[0]
+        lay = layout if evaluation is not None else _eval.layout(0, count, None, count)
+        state, losses, aux, metrics = run_laid_out(
+            body, state, lay, _split(xs, lay), lambda x, _: x,
+            jax.tree.map(lambda a: a[0], xs), evaluation=evaluation, eval_data=eval_data,
+            log_every=log_every, unroll=unroll,
+        )  # fmt: skip
+    finite = _all_finite((state.params, state.opt_state, state.model_state))
+    return state, losses, aux, finite, metrics
 
 
 def finite_per_update(
@@ -303,6 +381,39 @@ def finite_per_update(
     return lax.scan(gathering(body, data), state, idx, unroll=unroll)[1]
 
 
+def update_rows(u: jax.Array, key_orders: jax.Array | None, n: int, accumulate: int):
+    """The microbatch rows of update ``u`` of a run, as ``run_epochs`` visits them.
+
+    Microbatch ``m`` of the run (over all epochs) is row ``m % n``, or with a shuffle
+    key row ``key_orders[m]``, the epochs' orders concatenated.
+    """
+    m = u * accumulate + (jnp.arange(accumulate, dtype=jnp.int32) if accumulate > 1 else 0)
+    return m % n if key_orders is None else key_orders[m]
+
+
+def result_of(state: TrainState, losses, aux, metrics, evaluation) -> TrainResult:
+    """The TrainResult of a final carry: the evaluation fields only with evaluation."""
+    base = TrainResult(
+        state.params,
+        state.opt_state,
+        losses,
+        aux,
+        state.skipped,
+        state.first_nonfinite,
+        state.model_state,
+    )
+    if evaluation is None:
+        return base
+    ev, best = state.evaluation, evaluation.best is not None
+    return base._replace(
+        metrics=metrics,
+        best_params=ev.best_params,
+        best_model_state=ev.best_model_state,
+        best_step=ev.best_step if best else None,
+        stopped_at=ev.stopped_at,
+    )
+
+
 def train(
     loss_fn,
     params,
@@ -312,6 +423,7 @@ def train(
     key,
     model_state=None,
     rng=None,
+    eval_data=None,
     *,
     epochs,
     accumulate,
@@ -319,6 +431,8 @@ def train(
     unroll,
     skip_nonfinite,
     extended=False,
+    evaluation=None,
+    log_every=None,
 ) -> TrainResult:
     """The whole run, unjitted: scan_train compiles it, sweep vmaps it."""
     if opt_state is None:
@@ -332,24 +446,38 @@ def train(
         extended=extended,
         rng=rng,
     )
-    state, (losses, aux) = run_epochs(
-        update,
-        init_state(params, opt_state, model_state),
-        data,
-        key=key,
-        epochs=epochs,
-        accumulate=accumulate,
-        unroll=unroll,
+    state = init_state(params, opt_state, model_state)
+    if evaluation is None and log_every is None:  # the plain nested scan over epochs
+        state, (losses, aux) = run_epochs(
+            update, state, data, key=key, epochs=epochs, accumulate=accumulate, unroll=unroll
+        )
+        return result_of(state, losses, aux if has_aux else None, None, None)
+    if evaluation is not None:
+        state = state._replace(evaluation=_eval.init(evaluation, params, model_state, eval_data))
+    # Updates are addressed by their number in the run, so pieces may cross epochs.
+    n = jax.tree.leaves(data)[0].shape[0]
+    total = epochs * n // accumulate
+    orders = None
+    if key is not None:  # 4 bytes per microbatch of the run, as run_epochs computes them
+        epochs_ = jnp.arange(epochs, dtype=jnp.int32)
+        orders = jax.vmap(lambda e: epoch_order(key, e, n))(epochs_).reshape(-1)
+
+    def body(state, u):
+        rows = update_rows(u, orders, n, accumulate)
+        return update(state, jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data))
+
+    lay = _eval.layout(0, total, evaluation.every if evaluation else None, total)
+    firsts = (
+        jnp.int32(0),
+        lay.head + lay.every * jnp.arange(lay.n_full, dtype=jnp.int32),
+        jnp.int32(lay.head + lay.n_full * lay.every),
     )
-    return TrainResult(
-        state.params,
-        state.opt_state,
-        losses,
-        aux if has_aux else None,
-        state.skipped,
-        state.first_nonfinite,
-        state.model_state,
-    )
+    expand = lambda first, length: first + jnp.arange(length, dtype=jnp.int32)  # noqa: E731
+    state, losses, aux, metrics = run_laid_out(
+        body, state, lay, firsts, expand, jnp.int32(0), evaluation=evaluation,
+        eval_data=eval_data, log_every=log_every, unroll=unroll,
+    )  # fmt: skip
+    return result_of(state, losses, aux if has_aux else None, metrics, evaluation)
 
 
 _STATIC = (
@@ -361,15 +489,56 @@ _STATIC = (
     "unroll",
     "skip_nonfinite",
     "extended",
+    "evaluation",
+    "log_every",
 )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 @canonical_convs  # the jit's body, so that convs inside the scan run Eigen's kernel on CPU
-def _scan_train_jit(loss_fn, params, optimizer, lr, data, opt_state, key, model_state, rng, **kw):
+def _scan_train_jit(
+    loss_fn, params, optimizer, lr, data, opt_state, key, model_state, rng, eval_data=None, **kw
+):
     if optimizer is None:  # a float learning rate: plain SGD, lr traced so a new value
         optimizer = optax.sgd(lr)  # does not compile again
-    return train(loss_fn, params, optimizer, data, opt_state, key, model_state, rng, **kw)
+    return train(
+        loss_fn, params, optimizer, data, opt_state, key, model_state, rng, eval_data, **kw
+    )
+
+
+def eval_settings(
+    eval_fn, eval_data, *, eval_every, best, patience, log_every, params, model_state, model,
+    updates,
+) -> _eval.EvalSpec | None:  # fmt: skip
+    """Adapts and checks the evaluation and logging arguments before tracing.
+
+    ``params`` and ``model_state`` are what the user passed, ``model`` their
+    ``_adapters.Adapted`` form. Returns the static spec, or None without eval_fn.
+    """
+    fn = _adapters.adapt_eval(eval_fn, params, model_state)
+    module = _adapters.is_module(params)
+    if module and model.extended and not isinstance(fn, _adapters._NNXEval):
+        form = "eval_fn(model, state, batch)"
+    elif module:
+        form = "eval_fn(model, batch)"
+    else:
+        form = "eval_fn(params, model_state, batch)" if model.extended else "eval_fn(params, batch)"
+    arrays = _checks.check_params(model.params)
+
+    def metrics_of(batch):
+        if model.extended:
+            return jax.eval_shape(lambda b: fn(arrays, model.model_state, b), batch)
+        return jax.eval_shape(lambda b: fn(arrays, b), batch)
+
+    _checks.check_eval_args(
+        eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience, form=form,
+        metrics_of=metrics_of,
+    )  # fmt: skip
+    _checks.check_log_every(log_every, updates)
+    if eval_fn is None:
+        return None
+    best = None if best is None else (best[0], best[1])
+    return _eval.EvalSpec(fn, model.extended, eval_every or updates, best, patience)
 
 
 def scan_train(
@@ -387,6 +556,12 @@ def scan_train(
     skip_nonfinite: bool = False,
     model_state: PyTree = None,
     rng: jax.Array | None = None,
+    eval_fn: Callable | None = None,
+    eval_data: PyTree = None,
+    eval_every: int | None = None,
+    best: tuple[str, str] | None = None,
+    patience: int | None = None,
+    log_every: int | None = None,
 ) -> TrainResult:
     """Trains ``params`` on every microbatch of ``data`` in one XLA program.
 
@@ -430,6 +605,27 @@ def scan_train(
         epochs; update ``u`` uses microbatches ``u * accumulate`` to
         ``u * accumulate + accumulate - 1``) gets ``jax.random.fold_in(rng, m)``.
         ``None`` is passed when only ``model_state`` is given.
+      eval_fn: ``eval_fn(params, batch) -> {name: scalar}`` (extended form:
+        ``eval_fn(params, model_state, batch)``), run inside the program on each
+        microbatch of ``eval_data``; ``res.metrics[name]`` holds the means over
+        them. An NNX module gets ``eval_fn(model, batch)`` with the model rebuilt
+        from the current state in ``model.eval()`` mode (running BatchNorm
+        statistics, no dropout; its state changes dropped). An Equinox module
+        gets ``eval_fn(model, batch)`` (or ``(model, state, batch)``); switch it
+        to inference yourself, e.g. ``eqx.nn.inference_mode(model)``.
+      eval_data: pytree of arrays with a leading axis M of eval microbatches,
+        scanned one at a time (memory holds one).
+      eval_every: evaluate when the number of updates done is a multiple of it,
+        and after the last update; ``None``: after the last update only.
+      best: ``(metric, "min" | "max")``: keep the params (and model state) of the
+        best evaluation so far in the carry (a select, no host round trip).
+      patience: with ``best``, stop after this many evaluations in a row without
+        a strict improvement; the remaining updates are skipped inside the
+        program (one ``lax.cond`` per evaluation interval), not computed.
+      log_every: ``losses`` and ``aux`` hold means over groups of this many
+        updates, summed in the carry instead of stacked per update; it must
+        divide the number of updates. After an early stop, a group's mean is over
+        the updates done in it, NaN for a group with none.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -437,14 +633,24 @@ def scan_train(
     (a float learning rate is an argument, not part of the program).
 
     Returns:
-      A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``.
+      A ``TrainResult``: ``losses`` has shape ``(epochs * N // accumulate,)``,
+      or ``(updates // log_every,)``. With ``eval_fn``: ``metrics`` (each of
+      shape (evaluations,), ``"step"`` the updates done at each; evaluations
+      skipped after an early stop hold NaN and step -1, as do the skipped
+      updates' losses), ``stopped_at`` (-1 if the run went to the end); with
+      ``best``: ``best_params``, ``best_model_state``, ``best_step`` (-1 and the
+      initial state if no evaluation improved on +-inf, e.g. all NaN).
 
     Raises:
       ValueError: data leaves with different leading axes, ``accumulate`` not
         dividing N, ``epochs < 1``, a loss that is not a scalar, an
         ``opt_state`` that does not match the optimizer and params, a new
         model state that differs from ``model_state`` in structure, shape or
-        dtype, ``model_state``/``rng`` given with an NNX module.
+        dtype, ``model_state``/``rng`` given with an NNX module; an
+        evaluation argument without ``eval_fn`` (or ``eval_fn`` without
+        ``eval_data``), ``eval_fn`` not returning a dict of scalars, ``best``
+        not naming one of its metrics with ``"min"`` or ``"max"``, ``patience``
+        without ``best``, ``log_every`` not dividing the updates.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
         ``key`` or ``rng`` not a PRNG key, params not floating, ``loss_fn``
         not callable, a Flax ``TrainState`` as params.
@@ -459,7 +665,21 @@ def scan_train(
       (400,)
       >>> round(float(res.params["w"]), 2), round(float(res.params["b"]), 2)
       (2.0, 1.0)
+
+      Evaluated every 40 updates inside the program, stopping 2 evaluations
+      after the best (the validation targets here favour w = 1):
+
+      >>> res = scanfit.scan_train(loss, {"w": 0.0, "b": 0.0}, optax.adam(0.1),
+      ...                          (x, 2 * x + 1), epochs=50, log_every=8,
+      ...                          eval_fn=lambda p, b: {"val": loss(p, b)},
+      ...                          eval_data=(x[:2], x[:2] + 1), eval_every=40,
+      ...                          best=("val", "min"), patience=2)
+      >>> int(res.best_step), int(res.stopped_at), res.losses.shape
+      (40, 120, (50,))
+      >>> res.metrics["step"][:4].tolist()
+      [40, 80, 120, -1]
     """
+    params_in = params
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -480,7 +700,14 @@ def scan_train(
         rng=rng,
         extended=model.extended,
     )
-    _checks.check_stacked_outputs(epochs * (n // accumulate), _checks.output_bytes(*loss_spec))
+    evaluation = eval_settings(
+        eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
+        log_every=log_every, params=params_in, model_state=model_state, model=model,
+        updates=epochs * n // accumulate,
+    )  # fmt: skip
+    _checks.check_stacked_outputs(
+        epochs * (n // accumulate) // (log_every or 1), _checks.output_bytes(*loss_spec)
+    )
     result = _scan_train_jit(
         model.loss_fn,
         params,
@@ -491,11 +718,14 @@ def scan_train(
         key,
         model.model_state,
         rng,
+        eval_data,
         epochs=epochs,
         accumulate=accumulate,
         has_aux=has_aux,
         unroll=unroll,
         skip_nonfinite=skip_nonfinite,
         extended=model.extended,
+        evaluation=evaluation,
+        log_every=log_every,
     )
     return model.finish(result)

@@ -13,7 +13,7 @@ import numpy as np
 from scanfit import _adapters, _checks
 from scanfit._checks import describe
 from scanfit._conv import canonical_convs
-from scanfit._loop import PyTree, TrainResult, train
+from scanfit._loop import PyTree, TrainResult, eval_settings, train
 
 
 def grid(**axes: Any) -> dict[str, np.ndarray]:
@@ -74,6 +74,8 @@ _STATIC = (
     "skip_nonfinite",
     "extended",
     "shuffle_per_seed",
+    "evaluation",
+    "log_every",
 )
 
 
@@ -91,6 +93,7 @@ def _sweep_jit(
     opt_state,
     model_state,
     rngs,
+    eval_data,
     *,
     shuffle_per_seed,
     **settings,
@@ -103,7 +106,9 @@ def _sweep_jit(
         p = init(init_key) if init is not None else params
         k = shuffle_key if shuffle_per_seed else key
         optimizer = make_optimizer(**hp)
-        return train(loss_fn, p, optimizer, data, opt_state, k, model_state, rng, **settings)
+        return train(
+            loss_fn, p, optimizer, data, opt_state, k, model_state, rng, eval_data, **settings
+        )
 
     return jax.vmap(one)(hparams, keys, rngs)
 
@@ -125,6 +130,12 @@ def sweep(
     skip_nonfinite: bool = False,
     model_state: PyTree = None,
     rng: jax.Array | None = None,
+    eval_fn: Callable | None = None,
+    eval_data: PyTree = None,
+    eval_every: int | None = None,
+    best: tuple[str, str] | None = None,
+    patience: int | None = None,
+    log_every: int | None = None,
 ) -> TrainResult:
     """Trains K configurations in one compiled program, vmapped over hyper-parameters.
 
@@ -151,6 +162,11 @@ def sweep(
         uses ``rng``, or with ``seeds`` config ``i`` uses
         ``jax.random.fold_in(rng, seeds[i])``. An NNX module passed as
         ``params`` is left as it is (``res.params`` holds K trained states).
+      eval_fn, eval_data, eval_every, best, patience, log_every: as for
+        ``scan_train``. Every config keeps its own best state and stops on its
+        own; under ``vmap`` the skipping ``lax.cond`` is a select, so a stopped
+        config's remaining intervals are computed and discarded (the results
+        equal single runs; the time is that of the longest config).
 
     Returns:
       A ``TrainResult`` whose leaves have a leading axis K: ``losses`` has
@@ -183,6 +199,7 @@ def sweep(
             "params is an init function: pass seeds=[...] (one per config) to give "
             "each config its init key."
         )
+    params_in, model_state_in = params, model_state
     hp = {n: np.asarray(v) for n, v in hparams.items()}
     keys = None if seeds is None else jax.vmap(jax.random.key)(np.asarray(seeds))
     model = _adapters.adapt(
@@ -220,13 +237,20 @@ def sweep(
         extended=model.extended,
     )
     _checks.check_stacked_outputs(
-        epochs * (n // accumulate), _checks.output_bytes(*loss_spec), configs=configs
+        epochs * (n // accumulate) // (log_every or 1),
+        _checks.output_bytes(*loss_spec),
+        configs=configs,
     )
     if _checks.check_optimizer(example_opt)[0] is None:
         raise TypeError(
             "make_optimizer must return an optax.GradientTransformation, got a number; wrap it, "
             "e.g. lambda learning_rate: optax.sgd(learning_rate)."
         )
+    evaluation = eval_settings(
+        eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
+        log_every=log_every, params=params_in, model_state=model_state_in,
+        model=model._replace(params=example_params), updates=epochs * n // accumulate,
+    )  # fmt: skip
     if init is None:
         params = _checks.check_params(params)
     result = _sweep_jit(
@@ -241,6 +265,7 @@ def sweep(
         opt_state,
         model_state,
         rngs,
+        eval_data,
         shuffle_per_seed=seeds is not None and key is None,
         epochs=epochs,
         accumulate=accumulate,
@@ -248,6 +273,8 @@ def sweep(
         unroll=unroll,
         skip_nonfinite=skip_nonfinite,
         extended=model.extended,
+        evaluation=evaluation,
+        log_every=log_every,
     )
     return model.finish(result)
 
