@@ -1,6 +1,7 @@
 """scanfit: a whole JAX training loop as one XLA program, with jax.lax.scan."""
 
 from scanfit._errors import CheckpointMismatchError as CheckpointMismatchError
+from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError",
     "ChunkInfo",
+    "DataExhaustedError",
     "DivergenceError",
     "TrainResult",
     "fit",

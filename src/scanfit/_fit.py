@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress
-from scanfit._errors import CheckpointMismatchError, DivergenceError
-from scanfit._loop import PyTree, TrainResult, TrainState, epoch_order, init_state, run_chunk
+from scanfit import _adapters, _checkpoint, _checks, _parallel, _progress, _sources
+from scanfit._errors import CheckpointMismatchError, DataExhaustedError, DivergenceError
+from scanfit._loop import PyTree, TrainResult, TrainState, init_state, run_chunk
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 _STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
@@ -49,9 +49,6 @@ def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimiz
 # models, long chunks) the memory matters more than the ~0.5 ms a boundary costs.
 _SPECULATE_MAX_BYTES = 256 * 2**20
 
-# The host-side epoch orders must equal scan_train's in-graph ones bitwise: same function.
-_epoch_order = jax.jit(epoch_order, static_argnames="n")
-
 
 class ChunkInfo(NamedTuple):
     """What ``on_chunk`` receives after each chunk."""
@@ -73,73 +70,6 @@ class _Flight(NamedTuple):
     count: int  # updates in it
     inputs: Any  # (data, idx) it ran on
     outputs: Any  # (new_state, losses, aux, params_finite), device futures
-
-
-class _Source:
-    """Where each chunk's microbatches come from.
-
-    JAX arrays stay on the device and each update gathers its microbatches
-    in-graph by index. NumPy arrays (memmaps included) stay on the host: the
-    host gathers one chunk at a time and transfers it, so the device holds
-    about two chunks, never the whole dataset.
-    """
-
-    def __init__(self, data: PyTree, key, n: int, accumulate: int, mesh):
-        self.mesh = mesh
-        multi_process = mesh is not None and _parallel._processes(mesh) > 1
-        self.on_device = not multi_process and all(
-            isinstance(a, jax.Array) for a in jax.tree.leaves(data)
-        )
-        if self.on_device and mesh is not None:
-            data = _parallel.put_batches(data, mesh, batch_axis=1)
-        self.data = data
-        self.key = key
-        self.n = n
-        self.k = accumulate
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray | None:
-        if self.key is None:
-            return None
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.asarray(_epoch_order(self.key, epoch, n=self.n))
-        return self._orders[epoch]
-
-    def rows(self, start: int, count: int) -> tuple[np.ndarray | slice, ...]:
-        """Microbatch rows of updates [start, start + count), one piece per epoch touched."""
-        per_epoch = self.n // self.k
-        pieces = []
-        update, end = start, start + count
-        while update < end:
-            epoch, pos = divmod(update, per_epoch)
-            stop = min(end, (epoch + 1) * per_epoch)
-            lo, hi = pos * self.k, (pos + stop - update) * self.k
-            order = self._order(epoch)
-            pieces.append(slice(lo, hi) if order is None else order[lo:hi])
-            update = stop
-        return tuple(pieces)
-
-    def inputs(self, start: int, count: int):
-        """(data, idx) for run_chunk: device data with indices, or the chunk's own data."""
-        rows = self.rows(start, count)
-        shape = (count, self.k) if self.k > 1 else (count,)  # as group() lays out updates
-        if self.on_device:
-            idx = np.concatenate(
-                [np.arange(r.start, r.stop) if isinstance(r, slice) else r for r in rows]
-            )
-            # A plain transfer: jnp.asarray(idx, jnp.int32) would also dispatch a convert op.
-            return self.data, jax.device_put(idx.astype(np.int32).reshape(shape))
-
-        def gather(a):
-            # Slices read a memmap sequentially; index arrays read it row by row.
-            block = np.concatenate([a[r] for r in rows]) if len(rows) > 1 else a[rows[0]]
-            return block.reshape(*shape, *a.shape[1:])
-
-        chunk = jax.tree.map(gather, self.data)
-        if self.mesh is not None:
-            return _parallel.put_batches(chunk, self.mesh, batch_axis=len(shape)), None
-        return jax.device_put(chunk), None
 
 
 def _data_digest(data: PyTree) -> str:
@@ -269,6 +199,7 @@ def fit(
     nan_policy: str = "raise",
     mesh: Any = None,
     devices: Any = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -281,7 +212,16 @@ def fit(
         leaves may be JAX arrays (kept on the device) or NumPy arrays,
         ``np.load(..., mmap_mode="r")`` memmaps included (streamed to the
         device one chunk at a time, the next chunk's transfer overlapping the
-        current chunk's compute).
+        current chunk's compute). ``data`` may also be an iterable of
+        microbatches, each a pytree of arrays of one microbatch (a generator,
+        a grain or torch DataLoader with NumPy collation, ``tf.data`` as
+        NumPy): see "Data from loaders" in the README. Each epoch calls
+        ``iter(data)`` again (a one-shot iterator allows ``epochs=1`` only);
+        ``key`` does not apply (the loader shuffles). On resume, an iterator
+        with ``get_state()``/``set_state()`` (grain) is set to its saved
+        state; any other is re-read past the microbatches already used in
+        the current epoch (that costs reading them), which are checked
+        against a hash saved with the checkpoint.
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
         if given, else the whole run in one call.
       progress: a progress bar (rich, on stderr) updated after each chunk;
@@ -315,6 +255,9 @@ def fit(
         of every microbatch as ``data``; process 0 writes the checkpoints.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
+      steps_per_epoch: for an iterable ``data``: updates per epoch (each
+        takes ``accumulate`` microbatches); required when ``len(data)`` is
+        unknown, else ``len(data) // accumulate``.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -322,6 +265,8 @@ def fit(
 
     Raises:
       DivergenceError: ``nan_policy="raise"`` and training diverged.
+      DataExhaustedError: an iterable ``data`` ran out before an epoch was
+        complete; the completed chunks are kept (attached, checkpointed).
       scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
         belongs to another run.
       ValueError, TypeError: bad arguments, as for ``scan_train``.
@@ -332,11 +277,14 @@ def fit(
         has_aux=has_aux,
     )  # fmt: skip
     loss_fn, model_state = model.loss_fn, model.model_state
+    checked, stream = _sources.open_data(
+        data, key=key, accumulate=accumulate, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
     params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
         loss_fn,
         model.params,
         optimizer,
-        data,
+        checked,
         opt_state=opt_state,
         epochs=epochs,
         key=key,
@@ -358,13 +306,21 @@ def fit(
     )
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
-        _parallel.check_batch(data, mesh)
+        _parallel.check_batch(checked, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     policy = "skip" if skip_nonfinite else nan_policy
     per_epoch = n // accumulate
     total = epochs * per_epoch
     chunk = max(1, min(chunk_steps or checkpoint_every or total, total))
-    source = _Source(data, key, n, accumulate, mesh)
+    source = _sources.make_source(
+        data,
+        stream,
+        key=key,
+        n=n,
+        accumulate=accumulate,
+        mesh=mesh,
+        track=checkpoint_dir is not None,
+    )
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
     state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
@@ -378,16 +334,20 @@ def fit(
             params,
             state.opt_state,
             model_state,
-            data,
+            data if stream is None else {},
             key=key,
             rng=rng,
             accumulate=accumulate,
             has_aux=has_aux,
         )
+        if stream is not None:  # contents hashed as they stream: see _sources.StreamSource
+            fingerprint["data"] = stream.fingerprint()
     if ckpt_dir is not None and ckpt_dir.is_dir():
         _checkpoint.clean_temporaries(ckpt_dir)
         if resume:
-            restored = _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh)
+            restored = _restore(
+                ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh, source
+            )
             if restored is not None:
                 state, history = restored
 
@@ -410,6 +370,7 @@ def fit(
             {
                 "fingerprint": fingerprint,
                 "epoch": step // per_epoch if per_epoch else 0,
+                "source": source.checkpoint_state(step),
                 "scanfit_version": _version(),
             },
             keep,
@@ -438,7 +399,21 @@ def fit(
         return _Flight(state, start, count, inputs, run(state=state, data=inputs[0], idx=inputs[1]))
 
     def next_inputs(start: int):
-        return source.inputs(start, min(chunk, total - start)) if start < total else None
+        if start >= total:
+            return None
+        try:
+            return source.inputs(start, min(chunk, total - start))
+        except _sources.DataExhausted as err:
+            return err  # raised once the chunks before it are kept
+
+    def ran_dry(err: _sources.DataExhausted, state: TrainState) -> DataExhaustedError:
+        step = _int(state.step)
+        if ckpt_dir is not None and step > last_saved:
+            save(state)
+        message = _sources.ran_dry(
+            err, step=step, accumulate=accumulate, saved=ckpt_dir is not None
+        )
+        return DataExhaustedError(message, step=step, state=model.finish(history.result(state)))
 
     t0 = time.perf_counter()
     step = _int(state.step)
@@ -447,11 +422,16 @@ def fit(
     with _progress.ChunkProgress(total, step, _progress.wanted(progress)) as bar:
         try:
             if step < total:
-                flight = launch(state, step, next_inputs(step))
+                inputs = next_inputs(step)
+                if isinstance(inputs, _sources.DataExhausted):
+                    raise ran_dry(inputs, state)
+                flight = launch(state, step, inputs)
             while flight is not None:
                 nxt = flight.start + flight.count
                 # The next chunk's transfer starts before this chunk is waited on.
                 inputs = next_inputs(nxt)
+                dry = inputs if isinstance(inputs, _sources.DataExhausted) else None
+                inputs = None if dry else inputs
                 new_state, losses, aux, params_finite = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
@@ -493,6 +473,8 @@ def fit(
                     last_saved = step
                 if stop:
                     break  # a chunk dispatched ahead is dropped
+                if dry is not None:
+                    raise ran_dry(dry, state)
                 if ahead is None and inputs is not None:
                     ahead = launch(state, step, inputs)
                 flight = ahead
@@ -508,6 +490,8 @@ def fit(
             if _int(state.step) > last_saved:
                 save(state)
             raise
+        finally:
+            source.close()
     if policy == "skip" and total and _int(state.skipped) == total:
         warnings.warn(
             f"every update of this run ({total} of {total}) was skipped as non-finite "
@@ -532,7 +516,7 @@ def _version() -> str:
     return __version__
 
 
-def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
+def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh, source):
     found = _checkpoint.newest_valid(ckpt_dir)
     if found is None:
         return None
@@ -589,6 +573,7 @@ def _restore(ckpt_dir, fingerprint, state, empty_aux, total, epochs, mesh):
         ) from None
     if mesh is not None:
         restored = _parallel.put_replicated(restored, mesh)
+    source.restore(meta.get("source"), step)
     return restored, _History(losses, aux)
 
 
