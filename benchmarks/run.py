@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 # Modules in benchmarks/ that define main(argv) -> exit code. Append new suites here.
-SUITES = ["seed", "lowering", "loop", "fit", "sweep", "models", "peers"]
+SUITES = ["seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers"]
 
 
 def main(argv: list[str] | None = None) -> int:

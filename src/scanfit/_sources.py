@@ -16,7 +16,9 @@ checkpoint at a step (``checkpoint_state``), how to continue from one
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
+import itertools
 import json
 from typing import Any
 
@@ -28,6 +30,10 @@ from scanfit._errors import CheckpointMismatchError
 from scanfit._loop import epoch_order
 
 PyTree = Any
+
+# Stack the next chunk on a producer thread (True) or on fit's thread right after it
+# dispatches the current chunk (False). See benchmarks/sources.py for the measurement.
+PRODUCER_THREAD = False
 
 # The host-side epoch orders must equal scan_train's in-graph ones bitwise: same function.
 _epoch_order = jax.jit(epoch_order, static_argnames="n")
@@ -122,6 +128,15 @@ class DataExhausted(Exception):
         self.epoch, self.got, self.need = epoch, got, need
 
 
+def _aligned(shape: tuple, dtype) -> np.ndarray:
+    """An empty array on a 64-byte boundary: jax.device_put then uses it in place on a CPU
+    instead of copying it (each chunk gets new ones, never rewritten)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 def _encode_iterator_state(state: Any) -> dict | None:
     """An iterator's ``get_state()`` as JSON-able data (checkpoints never pickle):
     grain's DataLoader gives JSON bytes, a grain dataset iterator a dict."""
@@ -158,6 +173,7 @@ class _Spec:
                     f"must be a numeric array, got {_checks.describe(raw)}."
                 )
         self.leaves = [(x.shape, x.dtype) for x in leaves]
+        self.flat_tuple = self.treedef == jax.tree.structure(tuple(range(len(leaves))))
 
     def leaves_of(self, microbatch: PyTree, index: int) -> list[np.ndarray]:
         """The microbatch's leaves as arrays, or a ValueError naming what differs."""
@@ -181,9 +197,34 @@ class _Spec:
             out.append(x)
         return out
 
-    def stacked(self, n: int) -> PyTree:
-        """Empty leaves (n, ...) to fill."""
-        return [np.empty((n, *shape), dtype) for shape, dtype in self.leaves]
+    def stack(self, microbatches: list, first: int) -> list[np.ndarray]:
+        """The microbatches' leaves stacked, (n, ...) each, every microbatch checked.
+
+        (x, y) tuples are transposed and stacked in C; ``casting="no"`` makes NumPy
+        refuse any other dtype. Only on a failure are the microbatches looked at one by
+        one, to name the first that differs (``first``: its index in the run).
+        """
+        if self.flat_tuple and all(
+            type(m) is tuple and len(m) == len(self.leaves) for m in microbatches
+        ):
+            columns = list(zip(*microbatches))
+        else:
+            columns = list(zip(*(self._flat(m, first + i) for i, m in enumerate(microbatches))))
+        try:
+            return [
+                np.stack(column, out=_aligned((len(column), *shape), dtype), casting="no")
+                for column, (shape, dtype) in zip(columns, self.leaves)
+            ]
+        except (ValueError, TypeError):
+            for i, m in enumerate(microbatches):
+                self.leaves_of(m, first + i)  # raises, naming the microbatch
+            raise
+
+    def _flat(self, microbatch: PyTree, index: int) -> list:
+        leaves, treedef = jax.tree.flatten(microbatch)
+        if treedef != self.treedef:
+            self.leaves_of(microbatch, index)  # raises
+        return leaves
 
     def abstract(self, n: int) -> PyTree:
         """The pytree of (n, ...) shapes and dtypes that arrays of n microbatches would have."""
@@ -261,6 +302,9 @@ class StreamSource:
         )
         self.mesh = None
         self.track = False
+        self.total = epochs * self.per_epoch // accumulate
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead: tuple[tuple[int, int], concurrent.futures.Future] | None = None
         self._iter = iter(batches)
         try:
             self._first = next(self._iter)  # the shapes, before anything is traced
@@ -287,48 +331,68 @@ class StreamSource:
             "microbatches_per_epoch": self.per_epoch,
         }
 
-    def _next(self) -> PyTree:
-        """The next microbatch, a new epoch's iterator when this epoch is complete."""
-        if self._pos == self.per_epoch:
-            self._epoch, self._pos, self._digest = self._epoch + 1, 0, b""
-            self._iter = iter(self.batches)
-        if self._first is not None:
-            microbatch, self._first = self._first, None
-        else:
-            try:
-                microbatch = next(self._iter)
-            except StopIteration:
-                raise DataExhausted(self._epoch, self._pos, self.per_epoch) from None
-        self._pos += 1
-        return microbatch
+    def _take(self, n: int) -> list:
+        """The next ``n`` microbatches, a new epoch's iterator when an epoch is complete."""
+        out = []
+        while len(out) < n:
+            if self._pos == self.per_epoch:
+                self._epoch, self._pos = self._epoch + 1, 0
+                self._iter = iter(self.batches)
+            if self._first is not None:
+                out.append(self._first)
+                self._first, self._pos = None, self._pos + 1
+                continue
+            want = min(n - len(out), self.per_epoch - self._pos)
+            got = list(itertools.islice(self._iter, want))  # pulled in C, not one by one
+            out += got
+            self._pos += len(got)
+            if len(got) < want:
+                raise DataExhausted(self._epoch, self._pos, self.per_epoch)
+        return out
 
-    def _hash(self, leaves) -> None:
-        h = hashlib.sha1(self._digest)
-        for x in leaves:
-            h.update(np.ascontiguousarray(x))
-        self._digest = h.digest()
+    def _hash(self, rows, first: int) -> None:
+        """Chains each microbatch's bytes into the digest of its epoch; ``rows``: the
+        microbatches' leaves, ``first``: the run's index of the first."""
+        for i, leaves in enumerate(rows):
+            if (first + i) % self.per_epoch == 0:
+                self._digest = b""
+            h = hashlib.sha1(self._digest)
+            for x in leaves:
+                h.update(np.ascontiguousarray(x))
+            self._digest = h.digest()
 
     def stack(self, start: int, count: int) -> PyTree:
         """Host arrays of updates [start, start + count), laid out as run_chunk takes them."""
-        n = count * self.k
-        index = start * self.k  # microbatch index over the whole run, for errors
-        out = self.spec.stacked(n)
-        for i in range(n):
-            for buf, x in zip(out, self.spec.leaves_of(self._next(), index + i)):
-                buf[i] = x
-            if self.track:
-                self._hash([buf[i] for buf in out])
+        first = start * self.k  # microbatch index over the whole run, for errors
+        leaves = self.spec.stack(self._take(count * self.k), first)
         if self.track:
+            self._hash(zip(*leaves), first)
             self._marks[start + count] = self._state()
             for old in [s for s in self._marks if s < start]:  # saves trail by one chunk
                 del self._marks[old]
         shape = (count, self.k) if self.k > 1 else (count,)
-        return self.spec.treedef.unflatten([b.reshape(*shape, *b.shape[1:]) for b in out])
+        return self.spec.treedef.unflatten([b.reshape(*shape, *b.shape[1:]) for b in leaves])
 
     def inputs(self, start: int, count: int):
         """(data, None) for run_chunk: the chunk's microbatches, on the device."""
-        chunk = self.stack(start, count)
+        chunk = self._stacked(start, count) if PRODUCER_THREAD else self.stack(start, count)
         return _put(chunk, self.mesh, 2 if self.k > 1 else 1), None
+
+    def _stacked(self, start: int, count: int) -> PyTree:
+        """The chunk stacked ahead by the producer thread, which then stacks the next."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "scanfit-stack")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            assert ahead[0] == (start, count), (ahead[0], start, count)  # fit asks in order
+            chunk = ahead[1].result()
+        else:
+            chunk = self.stack(start, count)
+        nxt = start + count
+        if nxt < self.total:
+            key = (nxt, min(count, self.total - nxt))
+            self._ahead = key, self._pool.submit(self.stack, *key)
+        return chunk
 
     def _state(self) -> dict[str, Any]:
         get_state = getattr(self._iter, "get_state", None)
@@ -363,7 +427,7 @@ class StreamSource:
             return  # nothing taken, or a one-shot run already complete
         if not self.one_shot:  # the peeked iterator was epoch 0's
             self._iter, self._first = iter(self.batches), None
-        self._epoch, self._pos, self._digest = epoch, 0, b""
+        self._epoch, self._pos = epoch, 0
         if offset == 0:
             return
         state = (saved or {}).get("iterator")
@@ -379,8 +443,9 @@ class StreamSource:
     def _fast_forward(self, offset: int, saved: dict[str, Any] | None, step: int) -> None:
         first = self._epoch * self.per_epoch
         try:
-            for i in range(offset):
-                self._hash(self.spec.leaves_of(self._next(), first + i))
+            for done in range(0, offset, 1024):  # in blocks: memory stays small
+                block = self._take(min(1024, offset - done))
+                self._hash(zip(*self.spec.stack(block, first + done)), first + done)
         except DataExhausted as err:
             raise CheckpointMismatchError(
                 f"data gave {err.got} microbatches in epoch {err.epoch}, fewer than the {offset} "
@@ -395,7 +460,10 @@ class StreamSource:
             )
 
     def close(self) -> None:
-        """Nothing held: stacking runs on the caller's thread."""
+        """Stops the producer thread, if any (after the chunk it is stacking)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
 
 def open_data(data, *, key, accumulate, epochs, steps_per_epoch):
