@@ -6,6 +6,7 @@ Each message names the argument, what it needs and what it got.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import jax
@@ -123,7 +124,9 @@ def check_optimizer(optimizer: Any) -> tuple[Any, Any]:
 def is_stream(data: Any) -> bool:
     """Whether ``data`` is an iterable of microbatches (a generator, a data loader), not a
     pytree of arrays: a single pytree leaf with no shape that can be iterated."""
-    leaves = jax.tree.leaves(data)
+    with warnings.catch_warnings():  # JAX warns when it flattens an iterable as a leaf
+        warnings.simplefilter("ignore", DeprecationWarning)
+        leaves = jax.tree.leaves(data)
     return (
         len(leaves) == 1
         and leaves[0] is data
