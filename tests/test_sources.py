@@ -399,3 +399,16 @@ def test_sigkill_then_resume_of_a_reiterable_equals_uninterrupted(tmp_path):
 def test_sigkill_then_resume_of_a_grain_loader_equals_uninterrupted(tmp_path):
     pytest.importorskip("grain")
     _sigkill_then_resume(tmp_path, "grain")
+
+
+def test_torch_loader_with_numpy_collation_equals_arrays(data):
+    torch = pytest.importorskip("torch", reason="torch is optional: the bench extra's CPU build")
+    x, y = data
+    rows_x, rows_y = x.reshape(N * B, D), y.reshape(N * B)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(rows_x), torch.from_numpy(rows_y))
+
+    def collate(samples):
+        return tuple(np.stack([s[i].numpy() for s in samples]) for i in range(2))
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=B, collate_fn=collate)
+    assert_same(fit(loader, epochs=2, chunk_steps=5), fit((x, y), epochs=2, chunk_steps=5))
