@@ -104,6 +104,15 @@ def test_iterable_equals_the_same_microbatches_stacked(data, chunk, accumulate):
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("nan_policy", ["skip", "ignore"])
+def test_iterable_equals_stacked_when_the_carry_is_donated(data, nan_policy):
+    # No chunk dispatched ahead here: each chunk's inputs are stacked while the one before runs.
+    x, y = data
+    want = fit((x, y), epochs=2, chunk_steps=3, nan_policy=nan_policy)
+    got = fit(Sized(x, y), epochs=2, chunk_steps=3, nan_policy=nan_policy)
+    assert_same(got, want)
+
+
 def test_generator_len_and_steps_per_epoch(data):
     x, y = data
     want = fit((x, y), chunk_steps=5)
