@@ -421,3 +421,9 @@ def test_torch_loader_with_numpy_collation_equals_arrays(data):
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=B, collate_fn=collate)
     assert_same(fit(loader, epochs=2, chunk_steps=5), fit((x, y), epochs=2, chunk_steps=5))
+
+
+def test_iterable_on_two_devices_equals_stacked(data):
+    x, y = data  # the batch axis (8 rows) is split over the two devices
+    want = fit((x, y), epochs=2, chunk_steps=5, devices=2)
+    assert_same(fit(Sized(x, y), epochs=2, chunk_steps=5, devices=2), want)
