@@ -337,6 +337,28 @@ def test_resume_of_a_grain_loader_sets_its_state(tmp_path, monkeypatch):
     assert_same(_stream_worker.train("grain", tmp_path / "ckpt"), want)
 
 
+def test_a_grain_loader_of_another_data_source_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("grain")
+    _stream_worker.train("grain", tmp_path, on_chunk=stop_at(14))
+    monkeypatch.setattr(_stream_worker.Records, "__repr__", lambda self: "Records(other)")
+    with pytest.raises(
+        scanfit.CheckpointMismatchError,
+        match=r"the data iterator refused the state saved at update 14: DataSource in checkpoint "
+        r"does not match",
+    ):
+        _stream_worker.train("grain", tmp_path)
+
+
+def test_at_most_two_compilations_per_run(data, compilations):
+    x, y = data
+    opt = optax.adam(0.05)
+    scanfit.fit(loss, PARAMS, opt, Sized(x, y), chunk_steps=3, progress=False)  # warm small ops
+    fresh = lambda p, b: loss(p, b)  # noqa: E731  (a new function: a fresh cache entry)
+    before = compilations()
+    scanfit.fit(fresh, PARAMS, opt, Sized(x * 2, y), epochs=3, chunk_steps=5, progress=False)
+    assert compilations() - before == 2  # 72 updates: 14 chunks of 5 and one of 2
+
+
 def test_resume_of_a_grain_dataset_iterator_sets_its_state(data, tmp_path, monkeypatch):
     grain = pytest.importorskip("grain")
     x, y = data

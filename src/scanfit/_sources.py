@@ -449,7 +449,13 @@ class StreamSource:
         state = (saved or {}).get("iterator")
         if state is not None and hasattr(self._iter, "set_state"):
             self._first = None
-            self._iter.set_state(_decode_iterator_state(state))
+            try:
+                self._iter.set_state(_decode_iterator_state(state))
+            except ValueError as err:  # grain: another data source or sampler (their repr)
+                raise CheckpointMismatchError(
+                    f"the data iterator refused the state saved at update {step}: {err} "
+                    "Use another checkpoint_dir, or resume=False to start afresh."
+                ) from err
             self._pos, self._digest = offset, bytes.fromhex(saved["sha1"] or "")
         else:
             self._fast_forward(offset, saved, step)
