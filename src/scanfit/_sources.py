@@ -273,8 +273,9 @@ class StreamSource:
     the first (structure, shapes, dtypes), copies them into arrays laid out as
     the chunk (``(count, ...)`` or ``(count, accumulate, ...)``) and transfers
     them. ``fit`` asks for chunk k+1 right after dispatching chunk k, so the
-    host stacks while the device computes: at most two chunks are staged.
-    (With ``PRODUCER_THREAD`` a thread stacks chunk k+2 meanwhile instead.)
+    host stacks while the device computes: at most two chunks are staged on
+    the device, and the host reuses three chunks' buffers in turn. (With
+    ``PRODUCER_THREAD`` a thread stacks chunk k+2 meanwhile instead.)
 
     Epochs re-iterate ``batches`` (``iter(batches)`` again); an epoch takes
     its first ``microbatches_per_epoch`` microbatches. With ``track`` (a run
