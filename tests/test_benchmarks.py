@@ -19,7 +19,9 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
         [sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("seed", "lowering", "loop", "fit", "sweep", "models", "peers", "conv", "eval"):
+    suites = ("seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv")
+    suites += ("eval",)
+    for suite in suites:
         assert f"===== {suite}: ok" in proc.stdout
         payload = json.loads((tmp_path / f"{suite}.json").read_text())
         assert payload  # each suite wrote its figures

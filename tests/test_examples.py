@@ -106,3 +106,23 @@ def test_flax_nnx_batchnorm_dropout_module_is_trained_in_place():
         np.testing.assert_array_equal(a, b)
     kept = out["result"].model_state["bn"]["var"][...]
     np.testing.assert_array_equal(rest["bn"]["var"][...], kept)
+
+
+def test_grain_loader_trains_and_resumes_bitwise():
+    pytest.importorskip("grain", reason="grain is in the examples extra")
+    pytest.importorskip("sklearn")
+    out = load("grain_loader").main(quick=True)
+    assert out["val_accuracy"] >= 0.9
+    assert out["final_loss"] < 0.2 * out["first_loss"]
+    assert out["updates"] == 5 * (1797 - 359) // 32  # the sampler's 5 epochs, batched by 32
+    assert 0 < out["stopped_at"] < out["updates"]
+    assert out["resumed_equals_uninterrupted"]
+
+
+def test_torch_loader_with_numpy_collation_trains():
+    pytest.importorskip("torch", reason="torch is optional: the bench extra's CPU build")
+    pytest.importorskip("sklearn")
+    out = load("torch_loader").main(quick=True)
+    assert out["val_accuracy"] >= 0.9
+    assert out["final_loss"] < 0.2 * out["first_loss"]
+    assert out["updates"] == 5 * ((1797 - 359) // 32)

@@ -4,6 +4,7 @@ from scanfit._errors import CheckpointLockedError as CheckpointLockedError
 from scanfit._errors import CheckpointMismatchError as CheckpointMismatchError
 from scanfit._errors import CheckpointWarning as CheckpointWarning
 from scanfit._errors import CheckpointWriteError as CheckpointWriteError
+from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointWarning",
     "CheckpointWriteError",
     "ChunkInfo",
+    "DataExhaustedError",
     "DivergenceError",
     "TrainResult",
     "fit",

@@ -6,6 +6,7 @@ Each message names the argument, what it needs and what it got.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import jax
@@ -134,8 +135,43 @@ def check_optimizer(optimizer: Any) -> tuple[Any, Any]:
     return None, jax.numpy.asarray(optimizer)
 
 
+def is_stream(data: Any) -> bool:
+    """Whether ``data`` is an iterable of microbatches (a generator, a data loader), not a
+    pytree of arrays: a single pytree leaf with no shape that can be iterated."""
+    with warnings.catch_warnings():  # JAX warns when it flattens an iterable as a leaf
+        warnings.simplefilter("ignore", DeprecationWarning)
+        leaves = jax.tree.leaves(data)
+    return (
+        len(leaves) == 1
+        and leaves[0] is data
+        and not hasattr(data, "shape")
+        and hasattr(data, "__iter__")
+        and not isinstance(data, (str, bytes))
+    )
+
+
+def _check_not_microbatches(data: Any) -> None:
+    """Iterables and lists of microbatches are not a pytree of stacked arrays."""
+    if is_stream(data):
+        raise TypeError(
+            f"data must be a pytree of arrays with a leading axis of microbatches, got "
+            f"{describe(data)}: an iterable of microbatches is streamed by scanfit.fit only. "
+            "Pass it to fit, or np.stack the microbatches into arrays (N, ...)."
+        )
+    if isinstance(data, list) and data:
+        structures = {jax.tree.structure(x) for x in data}
+        if len(structures) == 1 and structures.pop().num_nodes > 1:
+            raise TypeError(
+                f"data is a list of {len(data)} microbatches (each {describe(data[0])}); "
+                "data must be a pytree of arrays (N, ...): stack them, e.g. "
+                "jax.tree.map(lambda *a: np.stack(a), *batches), or pass iter(batches) "
+                "to scanfit.fit, which streams an iterable of microbatches."
+            )
+
+
 def check_data(data: Any) -> int:
     """Data leaves must be non-empty arrays sharing a leading axis N >= 1; returns N."""
+    _check_not_microbatches(data)
     leaves = jax.tree_util.tree_leaves_with_path(data)
     if not leaves:
         raise ValueError(f"data must be a pytree with at least one array, got {data!r}.")

@@ -21,6 +21,21 @@ class DivergenceError(FloatingPointError):
         self.state = state
 
 
+class DataExhaustedError(ValueError):
+    """An iterable of microbatches ran out before an epoch was complete.
+
+    Attributes:
+      step: updates completed (and kept) before the data ran out.
+      state: the state after those updates: a ``TrainResult`` whose ``losses``
+        cover updates ``0 .. step - 1`` (also checkpointed).
+    """
+
+    def __init__(self, message: str, *, step: int, state: Any = None):
+        super().__init__(message)
+        self.step = step
+        self.state = state
+
+
 class CheckpointMismatchError(ValueError):
     """The newest checkpoint in ``checkpoint_dir`` belongs to another run: the message names
     what differs (the update program, initial params, data contents, key, settings)."""

@@ -33,14 +33,19 @@ from scanfit import (
     _fingerprint,
     _parallel,
     _progress,
+    _sources,
 )
 from scanfit._conv import canonical_convs
-from scanfit._errors import CheckpointMismatchError, CheckpointWriteError, DivergenceError
+from scanfit._errors import (
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    DataExhaustedError,
+    DivergenceError,
+)
 from scanfit._loop import (
     PyTree,
     TrainResult,
     TrainState,
-    epoch_order,
     eval_settings,
     finite_per_update,
     init_state,
@@ -75,9 +80,6 @@ def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimiz
 # models, long chunks) the memory matters more than the ~0.5 ms a boundary costs.
 _SPECULATE_MAX_BYTES = 256 * 2**20
 
-# The host-side epoch orders must equal scan_train's in-graph ones bitwise: same function.
-_epoch_order = jax.jit(epoch_order, static_argnames="n")
-
 
 class ChunkInfo(NamedTuple):
     """What ``on_chunk`` receives after each chunk."""
@@ -101,77 +103,13 @@ class _Flight(NamedTuple):
     outputs: Any  # (new_state, losses, aux, state_finite), device futures
 
 
-class _Source:
-    """Where each chunk's microbatches come from.
-
-    JAX arrays stay on the device and each update gathers its microbatches
-    in-graph by index. NumPy arrays (memmaps included) stay on the host: the
-    host gathers one chunk at a time and transfers it, so the device holds
-    about two chunks, never the whole dataset.
-    """
-
-    def __init__(self, data: PyTree, key, n: int, accumulate: int, mesh):
-        self.mesh = mesh
-        multi_process = mesh is not None and _parallel._processes(mesh) > 1
-        self.on_device = not multi_process and all(
-            isinstance(a, jax.Array) for a in jax.tree.leaves(data)
-        )
-        if self.on_device and mesh is not None:
-            data = _parallel.put_batches(data, mesh, batch_axis=1)
-        self.data = data
-        self.key = key
-        self.n = n
-        self.k = accumulate
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray | None:
-        if self.key is None:
-            return None
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.asarray(_epoch_order(self.key, epoch, n=self.n))
-        return self._orders[epoch]
-
-    def rows(self, start: int, count: int) -> tuple[np.ndarray | slice, ...]:
-        """Microbatch rows of updates [start, start + count), one piece per epoch touched."""
-        per_epoch = self.n // self.k
-        pieces = []
-        update, end = start, start + count
-        while update < end:
-            epoch, pos = divmod(update, per_epoch)
-            stop = min(end, (epoch + 1) * per_epoch)
-            lo, hi = pos * self.k, (pos + stop - update) * self.k
-            order = self._order(epoch)
-            pieces.append(slice(lo, hi) if order is None else order[lo:hi])
-            update = stop
-        return tuple(pieces)
-
-    def inputs(self, start: int, count: int):
-        """(data, idx) for run_chunk: device data with indices, or the chunk's own data."""
-        rows = self.rows(start, count)
-        shape = (count, self.k) if self.k > 1 else (count,)  # as group() lays out updates
-        if self.on_device:
-            idx = np.concatenate(
-                [np.arange(r.start, r.stop) if isinstance(r, slice) else r for r in rows]
-            )
-            # A plain transfer: jnp.asarray(idx, jnp.int32) would also dispatch a convert op.
-            return self.data, jax.device_put(idx.astype(np.int32).reshape(shape))
-
-        def gather(a):
-            # Slices read a memmap sequentially; index arrays read it row by row.
-            block = np.concatenate([a[r] for r in rows]) if len(rows) > 1 else a[rows[0]]
-            return block.reshape(*shape, *a.shape[1:])
-
-        chunk = jax.tree.map(gather, self.data)
-        if self.mesh is not None:
-            return _parallel.put_batches(chunk, self.mesh, batch_axis=len(shape)), None
-        return jax.device_put(chunk), None
-
-
-def _fingerprint_of(loss_fn, optimizer, state, data, *, extended, **entries) -> dict[str, Any]:
+def _fingerprint_of(
+    loss_fn, optimizer, state, data, stream, *, extended, **entries
+) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
     run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
-    them)."""
+    them). An iterable's contents are hashed as they stream (``_sources.StreamSource``):
+    here only its structure, shapes and length."""
     program = _update_program(
         loss_fn, optimizer, state, data, entries["rng"],
         accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
@@ -181,10 +119,12 @@ def _fingerprint_of(loss_fn, optimizer, state, data, *, extended, **entries) -> 
         params=_host(state.params),
         opt_state=_host(state.opt_state),
         model_state=_host(_keys_as_data(state.model_state)),
-        data=data,
+        data=data if stream is None else {},
         **entries,
     )
-    if jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
+    if stream is not None:
+        fingerprint["data"] = stream.fingerprint()
+    elif jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
         from jax.experimental import multihost_utils
 
         mine = np.frombuffer(bytes.fromhex(fingerprint["data"]["sha256"]), np.uint8)
@@ -374,6 +314,12 @@ def fit(
     skip_nonfinite: bool = False,
     model_state: PyTree = None,
     rng: jax.Array | None = None,
+    eval_fn: Callable | None = None,
+    eval_data: PyTree = None,
+    eval_every: int | None = None,
+    best: tuple[str, str] | None = None,
+    patience: int | None = None,
+    log_every: int | None = None,
     chunk_steps: int | None = None,
     progress: bool | None = None,
     on_chunk: Callable[[ChunkInfo], Any] | None = None,
@@ -384,12 +330,7 @@ def fit(
     nan_policy: str | None = None,
     mesh: Any = None,
     devices: Any = None,
-    eval_fn: Callable | None = None,
-    eval_data: PyTree = None,
-    eval_every: int | None = None,
-    best: tuple[str, str] | None = None,
-    patience: int | None = None,
-    log_every: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -405,7 +346,16 @@ def fit(
         leaves may be JAX arrays (kept on the device) or NumPy arrays,
         ``np.load(..., mmap_mode="r")`` memmaps included (streamed to the
         device one chunk at a time, the next chunk's transfer overlapping the
-        current chunk's compute).
+        current chunk's compute). ``data`` may also be an iterable of
+        microbatches, each a pytree of arrays of one microbatch (a generator,
+        a grain or torch DataLoader with NumPy collation, ``tf.data`` as
+        NumPy): see "Data from loaders" in the README. Each epoch calls
+        ``iter(data)`` again (a one-shot iterator allows ``epochs=1`` only);
+        ``key`` does not apply (the loader shuffles). On resume, an iterator
+        with ``get_state()``/``set_state()`` (grain) is set to its saved
+        state; any other is re-read past the microbatches already used in
+        the current epoch (that costs reading them), which are checked
+        against a hash saved with the checkpoint.
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
         if given, else the whole run in one call, in both cases at most
         65,536 updates and 64 MiB of per-update losses and aux per call (so
@@ -460,6 +410,9 @@ def fit(
         of every microbatch as ``data``; process 0 writes the checkpoints.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
+      steps_per_epoch: for an iterable ``data``: updates per epoch (each
+        takes ``accumulate`` microbatches); required when ``len(data)`` is
+        unknown, else ``len(data) // accumulate``.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -474,6 +427,8 @@ def fit(
 
     Raises:
       DivergenceError: ``nan_policy="raise"`` and training diverged.
+      DataExhaustedError: an iterable ``data`` ran out before an epoch was
+        complete; the completed chunks are kept (attached, checkpointed).
       scanfit.CheckpointMismatchError: the checkpoint in ``checkpoint_dir``
         belongs to another run.
       scanfit.CheckpointLockedError: another run holds ``checkpoint_dir``.
@@ -495,11 +450,14 @@ def fit(
         has_aux=has_aux,
     )  # fmt: skip
     loss_fn, model_state = model.loss_fn, model.model_state
+    checked, stream = _sources.open_data(
+        data, key=key, accumulate=accumulate, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
     params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
         loss_fn,
         model.params,
         optimizer,
-        data,
+        checked,
         opt_state=opt_state,
         epochs=epochs,
         key=key,
@@ -524,7 +482,7 @@ def fit(
     )
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
-        _parallel.check_batch(data, mesh)
+        _parallel.check_batch(checked, mesh)
         if eval_data is not None:  # evaluated whole on every device (the same on every host)
             eval_data = _parallel.put_replicated(eval_data, mesh)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
@@ -538,7 +496,10 @@ def fit(
         updates=total,
     )  # fmt: skip
     _checks.check_log_every(log_every, total, chunk)
-    source = _Source(data, key, n, accumulate, mesh)
+    source = _sources.make_source(
+        data, stream, key=key, n=n, accumulate=accumulate, mesh=mesh,
+        track=checkpoint_dir is not None,
+    )  # fmt: skip
 
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
     state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
@@ -563,14 +524,15 @@ def fit(
         )
         with checkpoints.closing_on_error():
             fingerprint = _fingerprint_of(
-                loss_fn, optimizer, state, data, extended=model.extended, key=key, rng=rng,
+                loss_fn, optimizer, state, checked, stream, extended=model.extended, key=key,
+                rng=rng,
                 accumulate=accumulate, has_aux=has_aux, nan_policy=policy, log_every=log_every,
                 **_eval_entries(evaluation, params, model_state, eval_data),
             )  # fmt: skip
             checkpoints.differences = functools.partial(_differences, current=fingerprint)
             restored = None
             if resume:
-                restored = _restore(checkpoints, state, history, total, epochs, mesh)
+                restored = _restore(checkpoints, state, history, total, epochs, mesh, source)
             else:
                 checkpoints.move_aside()
             if restored is not None:
@@ -600,6 +562,7 @@ def fit(
                     "fingerprint": fingerprint,
                     "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
                     "epoch": step // per_epoch if per_epoch else 0,
+                    "source": source.checkpoint_state(step),
                     "scanfit_version": _version(),
                 },
             )
@@ -649,7 +612,21 @@ def fit(
         return _Flight(state, start, count, inputs, outputs)
 
     def next_inputs(start: int):
-        return source.inputs(start, min(chunk, total - start)) if start < total else None
+        if start >= total:
+            return None
+        try:
+            return source.inputs(start, min(chunk, total - start))
+        except _sources.DataExhausted as err:
+            return err  # raised once the chunks before it are kept
+
+    def ran_dry(err: _sources.DataExhausted, state: TrainState) -> DataExhaustedError:
+        step = _int(state.step)
+        if ckpt_dir is not None and step > last_saved:
+            save(state)
+        message = _sources.ran_dry(
+            err, step=step, accumulate=accumulate, saved=ckpt_dir is not None
+        )
+        return DataExhaustedError(message, step=step, state=model.finish(history.result(state)))
 
     t0 = time.perf_counter()
     step = _int(state.step)
@@ -661,11 +638,16 @@ def fit(
     ):
         try:
             if step < total and _stopped_at(state) < 0:  # a stopped run stays stopped
-                flight = launch(state, step, next_inputs(step))
+                inputs = next_inputs(step)
+                if isinstance(inputs, _sources.DataExhausted):
+                    raise ran_dry(inputs, state)
+                flight = launch(state, step, inputs)
             while flight is not None:
                 nxt = flight.start + flight.count
                 # The next chunk's transfer starts before this chunk is waited on.
                 inputs = next_inputs(nxt)
+                dry = inputs if isinstance(inputs, _sources.DataExhausted) else None
+                inputs = None if dry else inputs
                 new_state, losses, aux, state_finite, metrics = flight.outputs
                 ahead = launch(new_state, nxt, inputs) if speculate and inputs is not None else None
                 # One round trip for everything the host needs; it waits for the chunk.
@@ -702,6 +684,8 @@ def fit(
                     last_saved = step
                 if stop:
                     break  # a chunk dispatched ahead is dropped
+                if dry is not None:
+                    raise ran_dry(dry, state)
                 if ahead is None and inputs is not None:
                     ahead = launch(state, step, inputs)
                 flight = ahead
@@ -718,6 +702,8 @@ def fit(
                 save(state)
             interrupt.step = _int(state.step)  # where a rerun resumes (the CLI says so)
             raise
+        finally:
+            source.close()
     if policy == "skip" and total and _int(state.skipped) == total:
         warnings.warn(
             f"every update of this run ({total} of {total}) was skipped as non-finite "
@@ -767,7 +753,7 @@ def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
     return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
 
 
-def _restore(checkpoints, state, history, total, epochs, mesh):
+def _restore(checkpoints, state, history, total, epochs, mesh, source):
     """(state, history) from the newest checkpoint that verifies, or None if there is none.
 
     Damaged checkpoints are skipped with a warning; if the newest sound one belongs to
@@ -787,9 +773,12 @@ def _restore(checkpoints, state, history, total, epochs, mesh):
                 f"past the {total} updates of this run (epochs={epochs})."
             )
         try:
-            return _unpack(found.step, found.arrays, state, history, mesh)
+            restored = _unpack(found.step, found.arrays, state, history, mesh)
         except _checkpoint.Unusable as err:
             checkpoints.reject(found.path, str(err))
+            continue
+        source.restore(found.meta.get("source"), found.step)  # an iterable's position
+        return restored
     return None
 
 
