@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import scanfit
-from scanfit import _checkpoint, _fingerprint, _fit
+from scanfit import _checkpoint, _checkpointer, _fingerprint, _fit
 from scanfit._cli import main as cli_main
 
 N, B, D = 8, 4, 3
@@ -181,7 +181,7 @@ def test_program_digest_ignores_function_names():
 
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
     texts = [
-        _fit._update_program(jax.jit(f), ADAM, state, DATA, None, **_PLAIN)
+        _checkpointer._update_program(jax.jit(f), ADAM, state, DATA, None, **_PLAIN)
         for f in (loss_a, loss_b)
     ]
     assert "@loss_a" in texts[0] and "@loss_b" in texts[1]
@@ -193,17 +193,19 @@ _DIGEST_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     import test_checkpoint as t
-    from scanfit import _fingerprint, _fit
+    from scanfit import _checkpointer, _fingerprint, _fit
     state = _fit._fresh_state(t.PARAMS, None, None, optimizer=t.ADAM)
     print(_fingerprint.program_digest(
-        _fit._update_program(t.mse, t.ADAM, state, t.DATA, None, **t._PLAIN)))
+        _checkpointer._update_program(t.mse, t.ADAM, state, t.DATA, None, **t._PLAIN)))
     """
 )
 
 
 def test_program_digest_is_the_same_in_another_process():
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
-    here = _fingerprint.program_digest(_fit._update_program(mse, ADAM, state, DATA, None, **_PLAIN))
+    here = _fingerprint.program_digest(
+        _checkpointer._update_program(mse, ADAM, state, DATA, None, **_PLAIN)
+    )
     script = _DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 import scanfit
-from scanfit import _checkpoint, _fit
-from scanfit._fit import _chunk_donating
+from scanfit import _checkpoint, _driver, _fit
+from scanfit._driver import _chunk_donating
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _fault_worker  # noqa: E402
@@ -152,7 +152,7 @@ def test_on_chunk_sees_every_chunk_and_can_stop_early(problem, tmp_path):
 
 @pytest.mark.parametrize(
     "policy, max_bytes, ahead",
-    [("raise", _fit._SPECULATE_MAX_BYTES, True), ("raise", 0, False), ("ignore", None, False)],
+    [("raise", _driver._SPECULATE_MAX_BYTES, True), ("raise", 0, False), ("ignore", None, False)],
 )
 def test_next_chunk_is_dispatched_before_the_host_waits_only_without_donation(
     problem, monkeypatch, policy, max_bytes, ahead
@@ -162,12 +162,12 @@ def test_next_chunk_is_dispatched_before_the_host_waits_only_without_donation(
     # A carry over the size limit is not worth a third copy: no dispatch ahead.
     params, data = problem
     if max_bytes is not None:
-        monkeypatch.setattr(_fit, "_SPECULATE_MAX_BYTES", max_bytes)
+        monkeypatch.setattr(_driver, "_SPECULATE_MAX_BYTES", max_bytes)
     events = []
     for name in ("_chunk", "_chunk_donating"):
-        real = getattr(_fit, name)
+        real = getattr(_driver, name)
         monkeypatch.setattr(
-            _fit,
+            _driver,
             name,
             lambda *a, _real=real, **k: events.append("d") or _real(*a, **k),
         )
@@ -497,17 +497,17 @@ def test_interrupt_while_waiting_keeps_that_chunk_only_if_it_is_clean(
     if poison_at is not None:
         opt = optax.chain(opt, poison_params_at(poison_at))
     fetches = []
-    real = _fit._host
+    real = _driver._host
 
     def host(x):
         out = real(x)
-        if isinstance(x, tuple) and len(x) == 5:  # the per-chunk fetch that waits
+        if isinstance(x, tuple) and len(x) == 6:  # the per-chunk fetch that waits
             fetches.append(x)
             if len(fetches) == 2:
                 raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(_fit, "_host", host)
+    monkeypatch.setattr(_driver, "_host", host)
     with pytest.raises(KeyboardInterrupt) as exc:
         scanfit.fit(
             mlp_loss,

@@ -1,0 +1,292 @@
+"""The checkpointing observer of ``fit``: fingerprint, restore at start, save at chunk ends.
+
+A checkpoint resumes only the run that wrote it (``_fingerprint``: the update
+program, initial state, data contents and settings); the files are checksummed
+and written atomically by ``_checkpoint`` in a locked ``_checkpoint_dir``.
+Saved with the state: the loss history, the evaluation carry (best state,
+patience count, stop) and an iterable source's position.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
+from scanfit._driver import _chunk, _int
+from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
+from scanfit._loop import PyTree, TrainState
+
+_host = _parallel.to_host
+
+
+class Checkpointer:
+    """Saves when ``every`` updates have passed since the last save (every chunk with
+    None), and at the end of the run, whatever ends it; one writer per directory."""
+
+    def __init__(self, path: Path, *, keep: int, every: int | None, per_epoch: int, source,
+                 finish):  # fmt: skip
+        self.dir = _checkpoint_dir.CheckpointDir(
+            path, keep=keep, writer=jax.process_index() == 0  # one writer, whatever the hosts
+        )
+        self.path, self.every, self.per_epoch = path, every, per_epoch
+        self.source, self.finish = source, finish  # finish: TrainResult in the user's terms
+        self.fingerprint: dict[str, Any] = {}
+        self.last_saved = 0
+        self.failed = False
+
+    def __enter__(self) -> Checkpointer:
+        self.dir.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dir.__exit__(*exc)  # releases the directory's lock
+
+    def open(self, fingerprint_of, state, history, *, resume: bool, total, epochs, mesh):
+        """``(state, history)`` to start from: the newest checkpoint of this run, or as given.
+
+        ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
+        releases the lock). ``resume=False`` moves the checkpoints there aside.
+        """
+        with self.dir.closing_on_error():
+            self.fingerprint = fingerprint_of()
+            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
+            restored = None
+            if resume:
+                restored = _restore(self.dir, state, history, total, epochs, mesh, self.source)
+            else:
+                self.dir.move_aside()
+        state, history = restored or (state, history)
+        self.last_saved = _int(state.step)
+        return state, history
+
+    def on_chunk(self, info, state: TrainState, history) -> None:
+        if self.every is None or info.step == info.total or (
+            info.step - self.last_saved >= self.every
+        ):
+            self.save(state, history)
+
+    def on_end(self, state: TrainState, history) -> None:
+        if not self.failed and _int(state.step) > self.last_saved:
+            self.save(state, history)
+
+    def save(self, state: TrainState, history) -> None:
+        step = _int(state.step)
+        self.last_saved = step
+        if not self.dir.writer:
+            return
+        losses, aux, metrics = history.raw(step)
+        skipped, first_bad = _host((state.skipped, state.first_nonfinite))
+        try:
+            self.dir.save(
+                step,
+                {
+                    "params": state.params,
+                    "opt_state": state.opt_state,
+                    "model_state": _keys_as_data(state.model_state),
+                    "counters": {"skipped": skipped, "first_nonfinite": first_bad},
+                    "losses": losses,
+                    "aux": aux,
+                    # The best state so far, the patience count and whether the run stopped.
+                    "evaluation": _keys_as_data(state.evaluation),
+                    "metrics": metrics,
+                },
+                {
+                    "fingerprint": self.fingerprint,
+                    "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
+                    "epoch": step // self.per_epoch if self.per_epoch else 0,
+                    "source": self.source.checkpoint_state(step),
+                    "scanfit_version": _version(),
+                },
+            )
+        except CheckpointWriteError as err:
+            self.failed = True
+            raise CheckpointWriteError(
+                f"{err}. The checkpoints saved before are intact; the trained state (update "
+                f"{step}) is attached as .state.",
+                errno=err.errno,
+                path=err.filename,
+                state=self.finish(history.result(state)),
+            ) from err
+
+
+def _version() -> str:
+    from scanfit import __version__
+
+    return __version__
+
+
+def fingerprint_of(
+    loss_fn, optimizer, state, data, stream, *, extended, **entries
+) -> dict[str, Any]:
+    """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
+    run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
+    them). An iterable's contents are hashed as they stream (``_sources.StreamSource``):
+    here only its structure, shapes and length."""
+    program = _update_program(
+        loss_fn, optimizer, state, data, entries["rng"],
+        accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
+    )  # fmt: skip
+    fingerprint = _fingerprint.fingerprint(
+        program=program,
+        params=_host(state.params),
+        opt_state=_host(state.opt_state),
+        model_state=_host(_keys_as_data(state.model_state)),
+        data=data if stream is None else {},
+        **entries,
+    )
+    if stream is not None:
+        fingerprint["data"] = stream.fingerprint()
+    elif jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(bytes.fromhex(fingerprint["data"]["sha256"]), np.uint8)
+        every = np.asarray(multihost_utils.process_allgather(mine))
+        fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
+    return fingerprint
+
+
+def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
+    """The text of one update as fit compiles it: the loss, the optimizer and every
+    hyper-parameter they close over. Lowered on abstract values of one update's
+    microbatches, so where the data lives and how long the run is leave it unchanged;
+    non-finite handling is left out (it is a fingerprint entry of its own)."""
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    k = settings["accumulate"]
+    lead = (1, k) if k > 1 else (1,)
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype), data)
+    return _chunk.lower(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        state=jax.tree.map(spec, state),
+        data=one,
+        idx=None,
+        rng=rng,
+        unroll=1,
+        skip_nonfinite=False,
+        **settings,
+    ).as_text()
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys (e.g. in an NNX module's RNG streams) as their uint32 data, for saving."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
+    """The inverse of _keys_as_data, with each key's implementation taken from ``like``."""
+
+    def restore(old, x):
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(old)) if _is_key(old) else x
+
+    return jax.tree.map(restore, like, tree)
+
+
+def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
+    """How a checkpoint's run differs from this one (``_fingerprint.differences``)."""
+    saved = meta.get("fingerprint")
+    if not isinstance(saved, dict):
+        return ["it holds no fingerprint"]
+    # "raise" and "ignore" compile the same program: until an update is non-finite they are
+    # the same run ("skip" compiles another, which rounds differently).
+    policies = {saved.get("nan_policy"), current["nan_policy"]}
+    same = policies <= {"raise", "ignore"} and not meta.get("nonfinite_seen", True)
+    return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
+
+
+def _restore(checkpoints, state, history, total, epochs, mesh, source):
+    """(state, history) from the newest checkpoint that verifies, or None if there is none.
+
+    Damaged checkpoints are skipped with a warning; if the newest sound one belongs to
+    another run (or lies past this one's end), that is an error, never a silent restart.
+    """
+    for found in checkpoints.verified():
+        where = f"the newest checkpoint in {str(checkpoints.path)!r} (step {found.step})"
+        if found.differences:
+            raise CheckpointMismatchError(
+                f"{where} belongs to another run: " + "; ".join(found.differences) + ". Pass "
+                "another checkpoint_dir, or resume=False to start afresh (the checkpoints "
+                "there are then moved into previous-<k>/, nothing is deleted)."
+            )
+        if found.step > total:
+            raise CheckpointMismatchError(
+                f"the newest checkpoint in {str(checkpoints.path)!r} is at update {found.step}, "
+                f"past the {total} updates of this run (epochs={epochs})."
+            )
+        try:
+            restored = _unpack(found.step, found.arrays, state, history, mesh)
+        except _checkpoint.Unusable as err:
+            checkpoints.reject(found.path, str(err))
+            continue
+        source.restore(found.meta.get("source"), found.step)  # an iterable's position
+        return restored
+    return None
+
+
+def _unpack(step, arrays, state, history, mesh):
+    """The saved arrays as (TrainState, _History); ``_checkpoint.Unusable`` if they do not
+    fit this run or hold counters no run can reach. ``state`` and ``history`` are the
+    fresh ones of this run: the structures to fill."""
+    like = {"skipped": state.skipped, "first_nonfinite": state.first_nonfinite}
+    counters = _checkpoint.unflatten("counters", like, arrays)
+    skipped, first_bad = int(counters["skipped"]), int(counters["first_nonfinite"])
+    if not (0 <= skipped <= step and -1 <= first_bad < step):
+        raise _checkpoint.Unusable(
+            f"its counters are out of range for update {step}: skipped={skipped}, "
+            f"first_nonfinite={first_bad}"
+        )
+    rows, evaluations = history.rows(step)
+    losses = arrays.get("losses")
+    if losses is None or losses.shape != (rows,):
+        shape = None if losses is None else losses.shape
+        raise _checkpoint.Unusable(f"its losses have shape {shape}, not ({rows},)")
+    empty_losses, empty_aux, empty_metrics = history.raw()
+    aux = _checkpoint.unflatten("aux", empty_aux, arrays, rows=rows)
+    metrics = None
+    if empty_metrics is not None:
+        metrics = _checkpoint.unflatten("metrics", empty_metrics, arrays, rows=evaluations)
+
+    def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
+        saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
+        return _keys_from_data(like, jax.tree.map(jnp.asarray, saved))
+
+    restored = TrainState(
+        as_device(state.params, "params"),
+        as_device(state.opt_state, "opt_state"),
+        as_device(state.model_state, "model_state"),
+        jnp.asarray(step, jnp.int32),
+        jnp.asarray(skipped, jnp.int32),
+        jnp.asarray(first_bad, jnp.int32),
+        as_device(state.evaluation, "evaluation"),
+    )
+    if mesh is not None:
+        restored = _parallel.put_replicated(restored, mesh)
+    return restored, history.like(losses, aux, metrics)
+
+
+def eval_entries(evaluation, params, model_state, eval_data) -> dict[str, Any]:
+    """Fingerprint entries of the evaluation: its settings, its program and its data."""
+    if evaluation is None:
+        return {}
+    program = (
+        jax.jit(functools.partial(_eval.evaluate, evaluation))
+        .lower(params, model_state, eval_data)
+        .as_text()
+    )
+    return {
+        "eval_settings": repr((evaluation.every, evaluation.best, evaluation.patience)),
+        "eval_program": _fingerprint.program_digest(program),
+        "eval_data": _host(eval_data),
+    }
+
+
