@@ -309,6 +309,19 @@ def test_patience_stops_p_evaluations_after_the_best(files, patience, capsys, tm
     assert summary["val_mse"] == pytest.approx(history[-1]["val_mse"], rel=1e-5)
 
 
+def test_a_stopped_run_rerun_from_its_checkpoints_reports_the_same_stop(files, capsys, tmp_path):
+    argv = f"train --data {files['reg_npz']} --model mlp --hidden 16 --lr 0.05 --epochs 40 "
+    argv += f"--eval-every 15 --patience 1 --checkpoint-dir {tmp_path / 'ck'} "
+    argv += f"--json {tmp_path / 's.json'} --quiet"
+    assert run(argv.split(), capsys)[0] == 0
+    first = json.loads((tmp_path / "s.json").read_text())
+    assert run(argv.split(), capsys)[0] == 0
+    again = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < first["stopped_at"] < first["updates"]
+    for key in ("stopped_at", "best_step", "best_val_mse", "evaluations", "val_mse"):
+        assert again[key] == first[key], key
+
+
 def test_log_dir_is_passed_to_fit_and_left_out_without_it(files, capsys, tmp_path, monkeypatch):
     seen = []
 

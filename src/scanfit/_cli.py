@@ -352,11 +352,11 @@ def _check_eval_flags(args) -> None:
         return
     if len(args.lr or ()) > 1 or len(args.seed) > 1:
         raise _UsageError("--eval-every trains one configuration; give one --lr and one --seed")
-    val_fraction = args.val_fraction if args.val_fraction is not None else 0.2 * bool(args.data)
-    if val_fraction == 0:
+    defaulted_to_none = args.val_fraction is None and args.data is None  # built-in data
+    if args.val_fraction == 0 or defaulted_to_none:
         raise _UsageError(
             f"--eval-every {args.eval_every} needs validation rows; give --val-fraction > 0"
-            + ("" if args.data else " (built-in data holds none out by default)")
+            + (" (built-in data holds none out by default)" if defaulted_to_none else "")
         )
 
 
@@ -599,6 +599,11 @@ def _eval_settings(args, model, eval_data) -> dict[str, Any]:
 
 
 def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[str, Any]:
+    """One configuration through ``fit``; ``summary`` gains its results.
+
+    With ``--eval-every`` the program evaluates the validation rows and keeps
+    the best; the final metric is then recomputed on the host from the same rows.
+    """
     val = split.val
     evaluation: dict[str, Any] = {}
     if args.eval_every is not None:
