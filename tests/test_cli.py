@@ -290,6 +290,7 @@ def test_patience_stops_p_evaluations_after_the_best(files, patience, capsys, tm
         ("stopped_at", int),
         ("evaluations", list),
         ("eval_microbatches", int),
+        ("eval_batch_size", int),
         ("eval_dropped_rows", int),
     ]:
         assert isinstance(summary[key], kind), key
@@ -307,6 +308,17 @@ def test_patience_stops_p_evaluations_after_the_best(files, patience, capsys, tm
     assert np.isfinite(summary["final_loss"])
     # The final metric is that of the params at the stop.
     assert summary["val_mse"] == pytest.approx(history[-1]["val_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows, batch_size, shape, dropped",
+    [(100, 32, (3, 32), 4), (96, 32, (3, 32), 0), (7, 32, (1, 7), 0)],
+)
+def test_eval_batches_are_full_the_tail_dropped(rows, batch_size, shape, dropped):
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    (xb, yb), left = _cli._eval_batches((x, x[:, 0]), batch_size)
+    assert xb.shape == (*shape, 2) and yb.shape == shape and left == dropped
+    np.testing.assert_array_equal(xb.reshape(-1, 2), x[: rows - dropped])
 
 
 def test_a_stopped_run_rerun_from_its_checkpoints_reports_the_same_stop(files, capsys, tmp_path):

@@ -610,7 +610,11 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
         eval_data, val_dropped = _eval_batches(val, args.batch_size)
         val = tuple(a.reshape(-1, *a.shape[2:]) for a in eval_data)  # the rows evaluated
         evaluation = _eval_settings(args, model, eval_data)
-        summary.update(eval_microbatches=len(eval_data[0]), eval_dropped_rows=val_dropped)
+        summary.update(
+            eval_microbatches=len(eval_data[0]),
+            eval_batch_size=eval_data[0].shape[1],
+            eval_dropped_rows=val_dropped,
+        )
     metric = jax.jit(model.metric) if val is not None else None
     curve: list[dict[str, float]] = []
 
@@ -760,7 +764,8 @@ def _print(summary: dict[str, Any]) -> None:
     print(f"final loss {summary['final_loss']:.6g}")
     if "eval_microbatches" in summary:
         print(
-            f"validation {summary['eval_microbatches']} microbatches of {summary['batch_size']}"
+            f"validation {summary['eval_microbatches']} microbatches of "
+            f"{summary['eval_batch_size']}"
             " evaluated in the program"
             + (
                 f" ({summary['eval_dropped_rows']} rows dropped to fill them)"
