@@ -1,5 +1,6 @@
 """The `scanfit` command, through main(argv) and as a real subprocess."""
 
+import inspect
 import json
 import re
 import signal
@@ -10,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from scanfit import _cli
+import scanfit
+from scanfit import _cli, _data
 from scanfit._cli import main
 
 
@@ -219,6 +221,146 @@ def test_devices_flag_trains_data_parallel(files, capsys, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["val_mse"] < 0.2
 
 
+def spy_on_fit(monkeypatch):
+    """Records the keywords and result of each fit the CLI makes."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        res = scanfit.fit(*args, **kwargs)
+        calls.append((kwargs, res))
+        return res
+
+    monkeypatch.setattr(_cli, "fit", spy)
+    return calls
+
+
+def test_eval_every_metric_equals_a_host_computation_on_the_rows_evaluated(
+    files, capsys, tmp_path, monkeypatch
+):
+    calls = spy_on_fit(monkeypatch)
+    argv = (
+        f"train --data {files['cls_npz']} --epochs 3 --eval-every 10 --json {tmp_path / 's.json'}"
+    )
+    code, out, _ = run(argv.split(), capsys)
+    assert code == 0, out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    ((kwargs, res),) = calls
+    # 120 validation rows as 3 microbatches of 32: the last 24 are dropped, not padded.
+    x_eval, y_eval = kwargs["eval_data"]
+    assert x_eval.shape == (3, 32, 4) and summary["eval_dropped_rows"] == 24
+    table = _data.load(files["cls_npz"])
+    split = _data.split(
+        table, batch_size=32, val_fraction=0.2, accumulate=1, seed=0, y_dtype=np.int32
+    )
+    np.testing.assert_array_equal(x_eval.reshape(-1, 4), split.val[0][:96])
+    np.testing.assert_array_equal(y_eval.reshape(-1), split.val[1][:96])
+    # The final params on those 96 rows, in float64 NumPy.
+    ((w, b),) = res.params["layers"]
+    logits = x_eval.reshape(-1, 4).astype(np.float64) @ np.asarray(w, np.float64) + np.asarray(b)
+    labels = y_eval.reshape(-1)
+    accuracy = np.mean(logits.argmax(-1) == labels)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    cross_entropy = -np.mean(log_p[np.arange(len(labels)), labels])
+    last = summary["evaluations"][-1]
+    assert last["step"] == summary["updates"] == 45
+    # Mean of 3 float32 microbatch means against a float64 mean of 96 rows.
+    assert last["val_accuracy"] == pytest.approx(accuracy, rel=1e-6)
+    assert summary["val_accuracy"] == pytest.approx(accuracy, rel=1e-6)
+    assert last["val_loss"] == pytest.approx(cross_entropy, rel=1e-5)
+    assert [e["step"] for e in summary["evaluations"]] == [10, 20, 30, 40, 45]
+    assert summary["stopped_at"] == -1 and "stopped at" not in out
+    best = max(summary["evaluations"], key=lambda e: e["val_accuracy"])  # first of ties
+    assert summary["best_step"] == best["step"]
+    assert summary["best_val_accuracy"] == best["val_accuracy"]
+    assert f"best val_accuracy {best['val_accuracy']:.4f} at update {best['step']}" in out
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_patience_stops_p_evaluations_after_the_best(files, patience, capsys, tmp_path):
+    argv = f"train --data {files['reg_npz']} --model mlp --hidden 16 --lr 0.05 --epochs 40 "
+    argv += f"--eval-every 15 --patience {patience} --json {tmp_path / 's.json'}"
+    code, out, _ = run(argv.split(), capsys)
+    assert code == 0, out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    history = summary["evaluations"]
+    for key, kind in [
+        ("best_val_mse", float),
+        ("best_step", int),
+        ("stopped_at", int),
+        ("evaluations", list),
+        ("eval_microbatches", int),
+        ("eval_batch_size", int),
+        ("eval_dropped_rows", int),
+    ]:
+        assert isinstance(summary[key], kind), key
+    assert set(history[0]) == {"step", "val_mse", "val_loss"}
+    steps = [e["step"] for e in history]
+    assert steps == list(range(15, 15 * len(history) + 1, 15))
+    best = min(range(len(history)), key=lambda i: history[i]["val_mse"])  # first of ties
+    assert summary["best_step"] == steps[best]
+    assert summary["best_val_mse"] == history[best]["val_mse"]
+    # Stopped exactly P evaluations after the best, and nothing evaluated after.
+    assert 0 < summary["stopped_at"] < summary["updates"]
+    assert steps[-1] == summary["stopped_at"] == steps[best + patience]
+    assert f"stopped at update {summary['stopped_at']} (patience {patience})" in out
+    assert f"updates    {summary['stopped_at']} of {summary['updates']} in" in out
+    assert np.isfinite(summary["final_loss"])
+    # The final metric is that of the params at the stop.
+    assert summary["val_mse"] == pytest.approx(history[-1]["val_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows, batch_size, shape, dropped",
+    [(100, 32, (3, 32), 4), (96, 32, (3, 32), 0), (7, 32, (1, 7), 0)],
+)
+def test_eval_batches_are_full_the_tail_dropped(rows, batch_size, shape, dropped):
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    (xb, yb), left = _cli._eval_batches((x, x[:, 0]), batch_size)
+    assert xb.shape == (*shape, 2) and yb.shape == shape and left == dropped
+    np.testing.assert_array_equal(xb.reshape(-1, 2), x[: rows - dropped])
+
+
+def test_a_stopped_run_rerun_from_its_checkpoints_reports_the_same_stop(files, capsys, tmp_path):
+    argv = f"train --data {files['reg_npz']} --model mlp --hidden 16 --lr 0.05 --epochs 40 "
+    argv += f"--eval-every 15 --patience 1 --checkpoint-dir {tmp_path / 'ck'} "
+    argv += f"--json {tmp_path / 's.json'} --quiet"
+    assert run(argv.split(), capsys)[0] == 0
+    first = json.loads((tmp_path / "s.json").read_text())
+    assert run(argv.split(), capsys)[0] == 0
+    again = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < first["stopped_at"] < first["updates"]
+    for key in ("stopped_at", "best_step", "best_val_mse", "evaluations", "val_mse"):
+        assert again[key] == first[key], key
+
+
+def test_log_dir_is_passed_to_fit_and_left_out_without_it(files, capsys, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_fit(*args, log_dir="absent", **kwargs):
+        seen.append(log_dir)
+        return scanfit.fit(*args, **kwargs)
+
+    monkeypatch.setattr(_cli, "fit", fake_fit)
+    base = ["train", "--data", files["reg_npz"], "--epochs", "1", "--quiet"]
+    assert run([*base, "--log-dir", tmp_path / "logs"], capsys)[0] == 0
+    assert run(base, capsys)[0] == 0
+    assert seen == [tmp_path / "logs", "absent"]
+
+
+@pytest.mark.skipif(
+    "log_dir" not in inspect.signature(scanfit.fit).parameters,
+    reason="fit(log_dir=) lands with the driver split",
+)
+def test_log_dir_writes_a_metrics_record_per_chunk(files, capsys, tmp_path):
+    argv = f"train --data {files['reg_npz']} --epochs 2 --chunk-steps 5 --eval-every 10 "
+    argv += f"--log-dir {tmp_path / 'logs'} --quiet"
+    assert run(argv.split(), capsys)[0] == 0
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
+    chunk_steps = {r["step"] for r in records if r.get("kind", "chunk") == "chunk"}
+    assert chunk_steps >= {5, 10, 15, 20, 25, 30}  # 30 updates in chunks of 5
+
+
 def bad_files(tmp_path):
     (tmp_path / "nox.npz").write_bytes(b"")
     np.savez(tmp_path / "nox.npz", features=np.ones((4, 2)), y=np.ones(4))
@@ -248,6 +390,11 @@ def bad_files(tmp_path):
             "--batch-size 64 needs at least 64 training rows, the data has 16",
         ),
         (["--optimizer", "adamm"], "--optimizer adamm: not an optax optimizer taking a learning"),
+        (["--patience", "3"], "--patience 3 needs --eval-every N: patience counts evaluations"),
+        (
+            ["--data", "small.npz", "--eval-every", "5", "--val-fraction", "0"],
+            "--eval-every 5 needs validation rows; give --val-fraction > 0",
+        ),
         (
             ["--data", "small.npz", "--model", "scalar"],
             "--model scalar fits y = w * x: it needs one feature",
@@ -321,6 +468,9 @@ def test_every_subcommand_has_help(capsys):
         "--devices",
         "--task",
         "--hidden",
+        "--eval-every",
+        "--patience",
+        "--log-dir",
     ):
         assert flag in out
 
@@ -391,6 +541,11 @@ BAD_FLAGS = [  # rejected by argparse: its usage line, then the error
     (["--noise", "nan"], "argument --noise: must be a finite number, got nan"),
     (["--devices", "0"], "argument --devices: must be a positive integer, got 0"),
     (["--checkpoint-dir", ""], "argument --checkpoint-dir: must be a directory name, got ''"),
+    (["--eval-every", "0"], "argument --eval-every: must be a positive integer, got 0"),
+    (["--eval-every", "-3"], "argument --eval-every: must be a positive integer, got -3"),
+    (["--eval-every", "abc"], "argument --eval-every: must be a positive integer, got abc"),
+    (["--patience", "0"], "argument --patience: must be a positive integer, got 0"),
+    (["--log-dir", ""], "argument --log-dir: must be a directory name, got ''"),
     (["--foo"], "unrecognized arguments: --foo"),
     (["--data"], "argument --data: expected one argument"),
 ]
@@ -411,6 +566,15 @@ BAD_INPUTS = [  # rejected by scanfit: one line
     (["--json", "nodir/s.json"], "--json nodir/s.json: directory nodir does not exist"),
     (["--json", "adir"], "--json adir: is a directory"),
     (["--checkpoint-dir", "afile"], "--checkpoint-dir afile: exists and is not a directory"),
+    (["--log-dir", "afile"], "--log-dir afile: exists and is not a directory"),
+    (["--patience", "3"], "--patience 3 needs --eval-every N"),
+    (["--data", "good.npz", "--patience", "3", "--lr", "0.1"], "--patience 3 needs --eval-every"),
+    (["--eval-every", "100"], "(built-in data holds none out by default)"),
+    (["--data", "good.npz", "--eval-every", "5", "--val-fraction", "0"], "needs validation rows"),
+    (
+        ["--data", "good.npz", "--eval-every", "5", "--lr", "0.1,0.2"],
+        "--eval-every trains one configuration; give one --lr and one --seed",
+    ),
     (["--checkpoint-dir", "afile/sub"], "--checkpoint-dir afile/sub: afile is not a directory"),
     (["--data", "missing.npz"], "--data missing.npz: no such file"),
     (["--data", "adir"], "--data adir: no such file"),

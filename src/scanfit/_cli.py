@@ -231,6 +231,21 @@ def _parser() -> argparse.ArgumentParser:
         help="save checkpoints here and resume from them",
     )
     loop.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="evaluate the validation rows inside the compiled program every N updates and "
+        "after the last, as microbatches of --batch-size rows (the last rows that do not fill "
+        "one are dropped); reports the best validation metric and its update",
+    )
+    loop.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        help="with --eval-every: stop P evaluations after the best validation metric "
+        "(highest accuracy, lowest mse)",
+    )
+    loop.add_argument(
         "--devices",
         type=_positive_int,
         default=None,
@@ -239,6 +254,12 @@ def _parser() -> argparse.ArgumentParser:
     out = train.add_argument_group("output")
     out.add_argument("--plot", type=Path, default=None, help="PNG of the loss curve")
     out.add_argument("--json", type=Path, default=None, help="machine-readable summary")
+    out.add_argument(
+        "--log-dir",
+        type=_directory,
+        default=None,
+        help="write metrics.jsonl (and TensorBoard events if tensorboardX is installed) here",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
@@ -306,6 +327,9 @@ def _check_paths(args) -> None:
             raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not a directory")
         if where is not None and not os.access(where, os.W_OK | os.X_OK):
             raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not writable")
+    if args.log_dir is not None and args.log_dir.exists() and not args.log_dir.is_dir():
+        raise _UsageError(f"--log-dir {args.log_dir}: exists and is not a directory")
+    _check_eval_flags(args)
     if args.devices is not None and args.devices > jax.local_device_count():
         raise _UsageError(
             f"--devices {args.devices}: this machine has {jax.local_device_count()} "
@@ -315,6 +339,24 @@ def _check_paths(args) -> None:
         raise _UsageError(
             f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}: "
             "each device takes an equal share of every batch"
+        )
+
+
+def _check_eval_flags(args) -> None:
+    """--eval-every and --patience: what they need, before any data is read."""
+    if args.patience is not None and args.eval_every is None:
+        raise _UsageError(
+            f"--patience {args.patience} needs --eval-every N: patience counts evaluations"
+        )
+    if args.eval_every is None:
+        return
+    if len(args.lr or ()) > 1 or len(args.seed) > 1:
+        raise _UsageError("--eval-every trains one configuration; give one --lr and one --seed")
+    defaulted_to_none = args.val_fraction is None and args.data is None  # built-in data
+    if args.val_fraction == 0 or defaulted_to_none:
+        raise _UsageError(
+            f"--eval-every {args.eval_every} needs validation rows; give --val-fraction > 0"
+            + (" (built-in data holds none out by default)" if defaulted_to_none else "")
         )
 
 
@@ -510,14 +552,75 @@ def _library_errors(args):
         ) from None
 
 
+def _default_chunk(total: int, eval_every: int | None) -> int:
+    """A tenth of the run; with evaluation, a multiple of ``eval_every``.
+
+    Chunks that start on an evaluation all lay out their updates alike, so they
+    share one compiled program instead of compiling one each.
+    """
+    chunk = min(max(1, -(-total // 10)), _MAX_CHUNK_STEPS)
+    if eval_every is None or eval_every > _MAX_CHUNK_STEPS:
+        return chunk
+    return max(eval_every, chunk // eval_every * eval_every)
+
+
+def _eval_batches(val, batch_size: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Validation rows as M full eval microbatches, and how many rows that leaves out.
+
+    Rows past the last full microbatch are dropped, not padded: every microbatch
+    then weighs the same, so the in-graph mean over the M microbatch means is
+    exactly the mean over the rows evaluated. Fewer rows than ``batch_size``
+    make one microbatch of them all.
+    """
+    x, y = val
+    size = min(batch_size, len(x))
+    m = len(x) // size
+    used = m * size
+    return (x[:used].reshape(m, size, -1), y[:used].reshape(m, size)), len(x) - used
+
+
+def _eval_settings(args, model, eval_data) -> dict[str, Any]:
+    """fit's keywords for in-graph evaluation of the model's metric and loss."""
+
+    def eval_fn(params, batch):
+        return {
+            model.metric_name: model.metric(params, *batch),
+            "val_loss": model.loss(params, batch),
+        }
+
+    mode = "max" if model.metric_name == "val_accuracy" else "min"
+    return {
+        "eval_fn": eval_fn,
+        "eval_data": eval_data,
+        "eval_every": args.eval_every,
+        "best": (model.metric_name, mode),
+        "patience": args.patience,
+    }
+
+
 def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[str, Any]:
+    """One configuration through ``fit``; ``summary`` gains its results.
+
+    With ``--eval-every`` the program evaluates the validation rows and keeps
+    the best; the final metric is then recomputed on the host from the same rows.
+    """
     val = split.val
+    evaluation: dict[str, Any] = {}
+    if args.eval_every is not None:
+        eval_data, val_dropped = _eval_batches(val, args.batch_size)
+        val = tuple(a.reshape(-1, *a.shape[2:]) for a in eval_data)  # the rows evaluated
+        evaluation = _eval_settings(args, model, eval_data)
+        summary.update(
+            eval_microbatches=len(eval_data[0]),
+            eval_batch_size=eval_data[0].shape[1],
+            eval_dropped_rows=val_dropped,
+        )
     metric = jax.jit(model.metric) if val is not None else None
     curve: list[dict[str, float]] = []
 
     def on_chunk(info):
-        point = {"step": info.step, "loss": float(np.mean(info.losses))}
-        if metric is not None:
+        point = {"step": info.step, "loss": float(np.nanmean(info.losses))}
+        if metric is not None and not evaluation:  # with --eval-every the program evaluates
             point[model.metric_name] = float(metric(info.params, *val))
         curve.append(point)
 
@@ -532,29 +635,55 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
             epochs=args.epochs,
             key=key if args.epochs > 1 else None,
             accumulate=args.accumulate,
-            chunk_steps=args.chunk_steps or min(max(1, -(-total // 10)), _MAX_CHUNK_STEPS),
+            chunk_steps=args.chunk_steps or _default_chunk(total, args.eval_every),
             progress=False if args.quiet else None,
             on_chunk=on_chunk,
             checkpoint_dir=args.checkpoint_dir,
             devices=args.devices,
+            **evaluation,
+            # Passed only when given, so that runs without it need no fit(log_dir=).
+            **({"log_dir": args.log_dir} if args.log_dir is not None else {}),
         )
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)
+    stopped_at = int(res.stopped_at) if evaluation else -1
+    done = losses[:stopped_at] if stopped_at >= 0 else losses  # skipped updates read NaN
     summary.update(
         lr=lr,
         seed=args.seed[0],
         wall_time_s=seconds,
-        updates_per_s=len(losses) / seconds if seconds else None,
-        final_loss=float(losses[-1]) if len(losses) else None,
+        updates_per_s=len(done) / seconds if seconds else None,
+        final_loss=float(done[-1]) if len(done) else None,
         curve=curve,
     )
-    if val is not None:
+    if val is not None:  # the params after the last update done, on the host
         summary[model.metric_name] = float(metric(res.params, *val))
+    if evaluation:
+        summary.update(_eval_summary(res, model.metric_name, args.patience))
     if builtin:
         summary.update(true_w=args.true_w, learned_w=float(res.params["w"]))
         summary.update(_seed_speedup(lr, split.train[0][..., 0], split.train[1]))
-    summary["_losses"] = {"run": losses}
+    summary["_losses"] = {"run": done}
     return summary
+
+
+def _eval_summary(res, name: str, patience: int | None) -> dict[str, Any]:
+    """The in-graph evaluations done (those skipped after a stop dropped), best and stop."""
+    metrics = {k: np.asarray(v) for k, v in res.metrics.items()}
+    history = [
+        {"step": int(step), **{k: float(v[i]) for k, v in metrics.items() if k != "step"}}
+        for i, step in enumerate(metrics["step"])
+        if step >= 0
+    ]
+    best_step = int(res.best_step)
+    best = next((e[name] for e in history if e["step"] == best_step), None)
+    return {
+        "evaluations": history,
+        f"best_{name}": best,
+        "best_step": best_step,
+        "stopped_at": int(res.stopped_at),
+        "patience": patience,
+    }
 
 
 def _sweep(args, model, make_opt, split, lrs, summary) -> dict[str, Any]:
@@ -625,14 +754,32 @@ def _print(summary: dict[str, Any]) -> None:
         for i, row in enumerate(summary["sweep"], 1):
             print(f"{i:>4}  " + "  ".join(f"{row[k]:>14.6g}" for k in keys))
         return
+    done = summary.get("stopped_at", -1)
     print(
-        f"updates    {summary['updates']} in {summary['wall_time_s']:.2f} s "
+        f"updates    {done if done >= 0 else summary['updates']}"
+        + (f" of {summary['updates']}" if done >= 0 else "")
+        + f" in {summary['wall_time_s']:.2f} s "
         f"({summary['updates_per_s']:,.0f} updates/s, compilation included)"
     )
     print(f"final loss {summary['final_loss']:.6g}")
+    if "eval_microbatches" in summary:
+        print(
+            f"validation {summary['eval_microbatches']} microbatches of "
+            f"{summary['eval_batch_size']}"
+            " evaluated in the program"
+            + (
+                f" ({summary['eval_dropped_rows']} rows dropped to fill them)"
+                if summary["eval_dropped_rows"]
+                else ""
+            )
+        )
     for name in ("val_mse", "val_accuracy"):
         if name in summary:
             print(f"{name:<10} {summary[name]:.4f}")
+        if summary.get(f"best_{name}") is not None:
+            print(f"best {name} {summary[f'best_{name}']:.4f} at update {summary['best_step']}")
+    if summary.get("stopped_at", -1) >= 0:
+        print(f"stopped at update {summary['stopped_at']} (patience {summary['patience']})")
     if "true_w" in summary:
         print(f"true w     {summary['true_w']:.6f}")
         print(f"learned w  {summary['learned_w']:.6f}")
@@ -651,7 +798,8 @@ def _plot(path: Path, summary: dict[str, Any]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise _UsageError("--plot needs matplotlib: pip install 'scanfit[plot]'") from None
-    curve = summary.get("curve", [])
+    # The in-graph evaluations with --eval-every, else the host's at each chunk.
+    curve = summary.get("evaluations") or summary.get("curve", [])
     metric = next((k for k in ("val_accuracy", "val_mse") if curve and k in curve[0]), None)
     fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(11 if metric else 6, 4), squeeze=False)
     ax = axes[0][0]
@@ -670,7 +818,9 @@ def _plot(path: Path, summary: dict[str, Any]) -> None:
     if metric:
         axes[0][1].plot([p["step"] for p in curve], [p[metric] for p in curve], marker="o")
         axes[0][1].set(
-            xlabel="update", ylabel=metric.replace("_", " "), title="validation, per chunk"
+            xlabel="update",
+            ylabel=metric.replace("_", " "),
+            title="validation" + ("" if "evaluations" in summary else ", per chunk"),
         )
     fig.tight_layout()
     try:
