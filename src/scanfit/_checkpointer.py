@@ -33,7 +33,9 @@ class Checkpointer:
     def __init__(self, path: Path, *, keep: int, every: int | None, per_epoch: int, source,
                  finish):  # fmt: skip
         self.dir = _checkpoint_dir.CheckpointDir(
-            path, keep=keep, writer=jax.process_index() == 0  # one writer, whatever the hosts
+            path,
+            keep=keep,
+            writer=jax.process_index() == 0,  # one writer, whatever the hosts
         )
         self.path, self.every, self.per_epoch = path, every, per_epoch
         self.source, self.finish = source, finish  # finish: TrainResult in the user's terms
@@ -67,8 +69,10 @@ class Checkpointer:
         return state, history
 
     def on_chunk(self, info, state: TrainState, history) -> None:
-        if self.every is None or info.step == info.total or (
-            info.step - self.last_saved >= self.every
+        if (
+            self.every is None
+            or info.step == info.total
+            or (info.step - self.last_saved >= self.every)
         ):
             self.save(state, history)
 
@@ -288,5 +292,3 @@ def eval_entries(evaluation, params, model_state, eval_data) -> dict[str, Any]:
         "eval_program": _fingerprint.program_digest(program),
         "eval_data": _host(eval_data),
     }
-
-
