@@ -58,8 +58,12 @@ _DEFAULT_CHUNK_STEPS = 2**16
 _DEFAULT_CHUNK_OUTPUT_BYTES = 64 * 2**20
 
 
-def _chunk_size(chunk_steps, checkpoint_every, total: int, per_update_bytes: int) -> int:
-    """Updates per compiled call: ``chunk_steps``, else a bounded default (see fit)."""
+def _chunk_size(chunk_steps, checkpoint_every, total: int, output_spec) -> int:
+    """Updates per compiled call: ``chunk_steps``, else a bounded default (see fit).
+
+    ``output_spec``: the shapes and dtypes of one update's (loss, aux).
+    """
+    per_update_bytes = _checks.output_bytes(*output_spec)
     if chunk_steps is not None:
         _checks.check_stacked_outputs(
             min(chunk_steps, total), per_update_bytes, remedy="pass a smaller chunk_steps"
@@ -287,15 +291,10 @@ def fit(
         keep=keep, nan_policy=nan_policy, skip_nonfinite=skip_nonfinite, on_chunk=on_chunk,
         progress=progress, resume=resume, log_dir=log_dir,
     )  # fmt: skip
-    mesh = _parallel.make_mesh(mesh, devices)
-    if mesh is not None:
-        _parallel.check_batch(checked, mesh)
-        if eval_data is not None:  # evaluated whole on every device (the same on every host)
-            eval_data = _parallel.put_replicated(eval_data, mesh)
+    mesh, eval_data = _on_mesh(mesh, devices, checked, eval_data)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     per_epoch, total = n // accumulate, epochs * (n // accumulate)
-    per_update_bytes = _checks.output_bytes(loss_spec, aux_spec)
-    chunk = _chunk_size(chunk_steps, checkpoint_every, total, per_update_bytes)
+    chunk = _chunk_size(chunk_steps, checkpoint_every, total, (loss_spec, aux_spec))
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in, model=model,
@@ -332,12 +331,8 @@ def fit(
             state, history = saver.open(
                 fingerprint, state, history, resume=resume, total=total, epochs=epochs, mesh=mesh
             )
-        start = int(_driver._host(state.step))
-        observers = [stack.enter_context(_observers.ProgressBar(total, start, progress))]
-        if log_dir is not None:
-            observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start)))
-        if on_chunk is not None:
-            observers.append(_observers.Callback(on_chunk))
+        observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
+                              on_chunk=on_chunk)  # fmt: skip
         try:
             state = _driver.drive(
                 program, source, state, history, [*observers, *([saver] if saver else [])],
@@ -347,6 +342,27 @@ def fit(
             raise _run_error(err, history, model, checkpoint_dir, accumulate) from None
     _warn_if_all_skipped(policy, total, state)
     return model.finish(history.result(state))
+
+
+def _on_mesh(mesh, devices, data, eval_data):
+    """The mesh to train on (or None), and eval_data replicated over it."""
+    mesh = _parallel.make_mesh(mesh, devices)
+    if mesh is not None:
+        _parallel.check_batch(data, mesh)
+        if eval_data is not None:  # evaluated whole on every device (the same on every host)
+            eval_data = _parallel.put_replicated(eval_data, mesh)
+    return mesh, eval_data
+
+
+def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
+    """The observers besides the checkpointer, entered in ``stack``: they close with it."""
+    start = int(_driver._host(state.step))
+    observers = [stack.enter_context(_observers.ProgressBar(total, start, progress))]
+    if log_dir is not None:
+        observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start)))
+    if on_chunk is not None:
+        observers.append(_observers.Callback(on_chunk))
+    return observers
 
 
 def _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
