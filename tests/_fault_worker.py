@@ -1,6 +1,6 @@
 """A training run for the fault tests, started as a subprocess and killed with SIGKILL.
 
-Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N] [--stateful]
+Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N] [--stateful] [--evaluated]
 
 With --kill-in-save N the process SIGKILLs itself halfway through writing its
 N-th checkpoint (after part of the temporary file is on disk), a crash at the
@@ -36,9 +36,17 @@ def problem():
     return loss, params, (x, y)
 
 
-def train(checkpoint_dir, on_chunk=None, stateful=False):
+def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False):
     loss, params, data = problem()
     extended = {}
+    if evaluated:  # in-graph evaluation on the first 10 microbatches, best state, patience
+        extended = dict(
+            eval_fn=lambda p, b: {"val_loss": loss(p, b)},
+            eval_data=jax.tree.map(lambda a: a[:10] * 1.5, data),
+            eval_every=14,
+            best=("val_loss", "min"),
+            patience=4,
+        )
     if stateful:
         from _stateful_problem import problem as stateful_problem
 
@@ -78,13 +86,23 @@ def main() -> None:
             real_savez(f, **arrays)
 
         np.savez = dying_savez
-    res = train(ckpt, on_chunk=lambda info: time.sleep(0.05), stateful="--stateful" in sys.argv)
+    res = train(
+        ckpt,
+        on_chunk=lambda info: time.sleep(0.05),
+        stateful="--stateful" in sys.argv,
+        evaluated="--evaluated" in sys.argv,
+    )
     np.savez(
         out,
         losses=np.asarray(res.losses),
         w=np.asarray(res.params["w"]),
         b=np.asarray(res.params["b"]),
         **({} if res.model_state is None else {"mean": np.asarray(res.model_state["mean"])}),
+        **({} if res.metrics is None else {
+            "val_loss": np.asarray(res.metrics["val_loss"]),
+            "best_w": np.asarray(res.best_params["w"]),
+            "stopped_at": np.asarray(res.stopped_at),
+        }),  # fmt: skip
     )
 
 

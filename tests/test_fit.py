@@ -409,27 +409,33 @@ def _run_worker(ckpt, out, *extra, kill_after_checkpoints=None):
     return proc
 
 
-def _uninterrupted(tmp_path, stateful=False):
-    return _fault_worker.train(tmp_path / "reference", stateful=stateful)
+def _uninterrupted(tmp_path, variant=""):
+    return _fault_worker.train(
+        tmp_path / "reference", stateful=variant == "stateful", evaluated=variant == "evaluated"
+    )
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, stateful):
+@pytest.mark.parametrize("variant", ["", "stateful", "evaluated"])
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, variant):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
-    extra = ["--stateful"] if stateful else []
+    extra = [f"--{variant}"] if variant else []
     proc = _run_worker(ckpt, out, *extra, kill_after_checkpoints=14)
     assert proc.returncode == -signal.SIGKILL and not out.exists()
     killed_at = max(s for s, _ in _checkpoint.list_checkpoints(ckpt))
     assert 14 <= killed_at < 240
     proc = _run_worker(ckpt, out, *extra)
     assert proc.returncode == 0, proc.stderr_text
-    want = _uninterrupted(tmp_path, stateful)
+    want = _uninterrupted(tmp_path, variant)
     with np.load(out) as got:
         np.testing.assert_array_equal(got["losses"], want.losses)
         np.testing.assert_array_equal(got["w"], want.params["w"])
         np.testing.assert_array_equal(got["b"], want.params["b"])
-        if stateful:
+        if variant == "stateful":
             np.testing.assert_array_equal(got["mean"], want.model_state["mean"])
+        if variant == "evaluated":
+            np.testing.assert_array_equal(got["val_loss"], want.metrics["val_loss"])
+            np.testing.assert_array_equal(got["best_w"], want.best_params["w"])
+            assert int(got["stopped_at"]) == int(want.stopped_at)
 
 
 def test_sigkill_during_a_save_then_resume_equals_uninterrupted(tmp_path):
