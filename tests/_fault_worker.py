@@ -98,11 +98,15 @@ def main() -> None:
         w=np.asarray(res.params["w"]),
         b=np.asarray(res.params["b"]),
         **({} if res.model_state is None else {"mean": np.asarray(res.model_state["mean"])}),
-        **({} if res.metrics is None else {
-            "val_loss": np.asarray(res.metrics["val_loss"]),
-            "best_w": np.asarray(res.best_params["w"]),
-            "stopped_at": np.asarray(res.stopped_at),
-        }),  # fmt: skip
+        **(
+            {}
+            if res.metrics is None
+            else {
+                "val_loss": np.asarray(res.metrics["val_loss"]),
+                "best_w": np.asarray(res.best_params["w"]),
+                "stopped_at": np.asarray(res.stopped_at),
+            }
+        ),  # fmt: skip
     )
 
 
