@@ -147,7 +147,14 @@ def _parser() -> argparse.ArgumentParser:
         "+ noise with the scalar model w, and its speed-up over a Python loop of a jitted "
         "step. Several --lr or --seed values run a sweep in one compiled program.",
     )
-    data = train.add_argument_group("data")
+    _data_flags(train.add_argument_group("data"))
+    _model_flags(train.add_argument_group("model and optimizer"))
+    _loop_flags(train.add_argument_group("training loop"))
+    _output_flags(train.add_argument_group("output"))
+    return parser
+
+
+def _data_flags(data) -> None:
     data.add_argument(
         "--data",
         type=Path,
@@ -170,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="rows held out for validation (default 0.2 with --data, else 0)",
     )
-    model = train.add_argument_group("model and optimizer")
+
+
+def _model_flags(model) -> None:
     model.add_argument(
         "--model",
         choices=_models.MODELS,
@@ -202,7 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         help="learning rate; a comma-separated list runs a sweep "
         "(default 0.005 for the scalar model, else 0.001)",
     )
-    loop = train.add_argument_group("training loop")
+
+
+def _loop_flags(loop) -> None:
     loop.add_argument(
         "--epochs",
         type=_positive_int,
@@ -251,7 +262,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="data parallelism over this many local devices",
     )
-    out = train.add_argument_group("output")
+
+
+def _output_flags(out) -> None:
     out.add_argument("--plot", type=Path, default=None, help="PNG of the loss curve")
     out.add_argument("--json", type=Path, default=None, help="machine-readable summary")
     out.add_argument(
@@ -261,7 +274,6 @@ def _parser() -> argparse.ArgumentParser:
         help="write metrics.jsonl (and TensorBoard events if tensorboardX is installed) here",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    return parser
 
 
 def _optimizer_factory(name: str):
