@@ -282,6 +282,11 @@ def _split(xs: PyTree, lay) -> tuple[PyTree, PyTree, PyTree]:
     )
 
 
+def _chunk_scan(update, data: PyTree, idx):
+    """``(body, xs)`` to scan a chunk: over its own microbatches, or gathering by index."""
+    return (update, data) if idx is None else (gathering(update, data), idx)
+
+
 def run_chunk(
     loss_fn,
     optimizer,
@@ -315,17 +320,11 @@ def run_chunk(
     it must count); ``metrics`` are the chunk's evaluations (None without), as
     ``TrainResult.metrics``.
     """
-    update = make_update(
-        loss_fn,
-        optimizer,
-        accumulate=accumulate,
-        has_aux=has_aux,
-        skip_nonfinite=skip_nonfinite,
-        extended=extended,
-        rng=rng,
-    )
-    body = update if idx is None else gathering(update, data)
-    xs = data if idx is None else idx
+    body, xs = _chunk_scan(
+        make_update(loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux,
+                    skip_nonfinite=skip_nonfinite, extended=extended, rng=rng),
+        data, idx,
+    )  # fmt: skip
     if evaluation is None and log_every is None:
         state, (losses, aux) = lax.scan(body, state, xs, unroll=unroll)
         metrics = None
@@ -362,23 +361,17 @@ def finite_per_update(
     per-update walk over the state is what ``run_chunk`` avoids.
     """
     update = make_update(
-        loss_fn,
-        optimizer,
-        accumulate=accumulate,
-        has_aux=has_aux,
-        skip_nonfinite=skip_nonfinite,
-        extended=extended,
-        rng=rng,
-    )
+        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux,
+        skip_nonfinite=skip_nonfinite, extended=extended, rng=rng,
+    )  # fmt: skip
 
-    def body(state, microbatches):
+    def flagged(state, microbatches):
         state, (loss, _) = update(state, microbatches)
         finite = _all_finite((state.params, state.opt_state, state.model_state))
         return state, jnp.isfinite(loss) & finite
 
-    if idx is None:
-        return lax.scan(body, state, data, unroll=unroll)[1]
-    return lax.scan(gathering(body, data), state, idx, unroll=unroll)[1]
+    body, xs = _chunk_scan(flagged, data, idx)
+    return lax.scan(body, state, xs, unroll=unroll)[1]
 
 
 def update_rows(u: jax.Array, key_orders: jax.Array | None, n: int, accumulate: int):
