@@ -11,6 +11,8 @@ from scanfit._fit import fit as fit
 from scanfit._linear import scan_training_step as scan_training_step
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
+from scanfit._steps import StepsResult as StepsResult
+from scanfit._steps import scan_steps as scan_steps
 from scanfit._sweep import grid as grid
 from scanfit._sweep import rank as rank
 from scanfit._sweep import sweep as sweep
@@ -25,10 +27,12 @@ __all__ = [
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
+    "StepsResult",
     "TrainResult",
     "fit",
     "grid",
     "rank",
+    "scan_steps",
     "scan_train",
     "scan_training_step",
     "sweep",

@@ -9,6 +9,7 @@ patience count, stop) and an iterable source's position.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
 from scanfit._driver import _chunk, _int
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
-from scanfit._loop import PyTree, TrainState
+from scanfit._scan import PyTree, TrainState
 
 _host = _parallel.to_host
 
@@ -126,17 +127,13 @@ def _version() -> str:
     return __version__
 
 
-def fingerprint_of(
-    loss_fn, optimizer, state, data, stream, *, extended, **entries
-) -> dict[str, Any]:
-    """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
-    run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
-    them). An iterable's contents are hashed as they stream (``_sources.StreamSource``):
-    here only its structure, shapes and length."""
-    program = _update_program(
-        loss_fn, optimizer, state, data, entries["rng"],
-        accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
-    )  # fmt: skip
+def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
+    """What decides the result of this run, hashed (``_fingerprint``): ``step`` (a
+    ``_scan.Step``) as compiled, the initial state, the data; ``entries`` are the run's
+    other inputs and settings, by name (``rng`` among them). An iterable's contents are
+    hashed as they stream (``_sources.StreamSource``): here only its structure, shapes
+    and length."""
+    program = _update_program(step, state, data, entries["rng"])
     fingerprint = _fingerprint.fingerprint(
         program=program,
         params=_host(state.params),
@@ -156,25 +153,20 @@ def fingerprint_of(
     return fingerprint
 
 
-def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
-    """The text of one update as fit compiles it: the loss, the optimizer and every
-    hyper-parameter they close over. Lowered on abstract values of one update's
-    microbatches, so where the data lives and how long the run is leave it unchanged;
-    non-finite handling is left out (it is a fingerprint entry of its own)."""
+def _update_program(step, state, data, rng) -> str:
+    """The text of one update as fit compiles it: the step (e.g. the loss, the optimizer
+    and every hyper-parameter they close over). Lowered on abstract values of one
+    update's microbatches, so where the data lives and how long the run is leave it
+    unchanged; non-finite handling is left out (it is a fingerprint entry of its own)."""
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
-    k = settings["accumulate"]
+    k = step.accumulate
     lead = (1, k) if k > 1 else (1,)
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype), data)
+    if hasattr(step, "skip_nonfinite"):
+        step = dataclasses.replace(step, skip_nonfinite=False)
+    idx = None if data is not None else jax.ShapeDtypeStruct((1,), np.int32)
     return _chunk.lower(
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        state=jax.tree.map(spec, state),
-        data=one,
-        idx=None,
-        rng=rng,
-        unroll=1,
-        skip_nonfinite=False,
-        **settings,
+        step=step, state=jax.tree.map(spec, state), data=one, idx=idx, rng=rng, unroll=1
     ).as_text()
 
 

@@ -22,9 +22,10 @@ import numpy as np
 
 from scanfit import _eval, _parallel, _sources
 from scanfit._conv import canonical_convs
-from scanfit._loop import PyTree, TrainResult, TrainState, finite_per_update, result_of, run_chunk
+from scanfit._loop import TrainResult, result_of
+from scanfit._scan import PyTree, TrainState, finite_per_update, run_chunk
 
-_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
+_STATIC = ("step", "unroll")  # step: the step factory (_scan.Step), static
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
 _finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
 _CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every")

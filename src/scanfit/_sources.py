@@ -28,7 +28,7 @@ import numpy as np
 
 from scanfit import _checks, _parallel
 from scanfit._errors import CheckpointMismatchError
-from scanfit._loop import epoch_order
+from scanfit._scan import epoch_order
 
 PyTree = Any
 
