@@ -8,6 +8,7 @@ from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
+from scanfit._fit_steps import fit_steps as fit_steps
 from scanfit._linear import scan_training_step as scan_training_step
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
@@ -30,6 +31,7 @@ __all__ = [
     "StepsResult",
     "TrainResult",
     "fit",
+    "fit_steps",
     "grid",
     "rank",
     "scan_steps",

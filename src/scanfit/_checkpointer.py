@@ -92,7 +92,7 @@ class Checkpointer:
             self.dir.save(
                 step,
                 {
-                    "params": state.params,
+                    "params": _keys_as_data(state.params),  # fit_steps: any state
                     "opt_state": state.opt_state,
                     "model_state": _keys_as_data(state.model_state),
                     "counters": {"skipped": skipped, "first_nonfinite": first_bad},
@@ -136,7 +136,7 @@ def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
     program = _update_program(step, state, data, entries["rng"])
     fingerprint = _fingerprint.fingerprint(
         program=program,
-        params=_host(state.params),
+        params=_host(_keys_as_data(state.params)),
         opt_state=_host(state.opt_state),
         model_state=_host(_keys_as_data(state.model_state)),
         data=data if stream is None else {},

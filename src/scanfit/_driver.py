@@ -69,6 +69,12 @@ class ChunkInfo(NamedTuple):
     opt_state: PyTree = None  # optimizer state after this chunk
     model_state: PyTree = None  # model state after this chunk (None without one)
 
+    @property
+    def state(self) -> PyTree:
+        """``fit_steps``: the step's state after this chunk (there ``aux`` holds the mean of
+        each metric over the chunk)."""
+        return self.params
+
 
 class Observer(Protocol):
     """What the driver hands each chunk to. None of them knows the others."""

@@ -389,7 +389,6 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
     return state, history
 
 
-
 def on_mesh(mesh, devices, data, eval_data):
     """The mesh to train on (or None), and eval_data replicated over it."""
     mesh = _parallel.make_mesh(mesh, devices)

@@ -241,6 +241,7 @@ def train(
     )  # fmt: skip
     return result_of(state, losses, aux if has_aux else None, metrics, evaluation)
 
+
 _STATIC = (
     "loss_fn",
     "optimizer",

@@ -60,7 +60,6 @@ def all_finite(tree: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
-
 class Step(Protocol):
     """A step factory: static, part of the compiled program (hashable, compared by value)."""
 
@@ -235,7 +234,6 @@ def update_rows(u: jax.Array, key_orders: jax.Array | None, n: int, accumulate: 
     """
     m = u * accumulate + (jnp.arange(accumulate, dtype=jnp.int32) if accumulate > 1 else 0)
     return m % n if key_orders is None else key_orders[m]
-
 
 
 def run(step: Step, state: TrainState, data: PyTree, key, rng=None, eval_data=None, *,

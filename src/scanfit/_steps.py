@@ -134,7 +134,7 @@ def check_steps_args(step_fn, state, data, *, steps, epochs, key, rng, unroll,
     for path, leaf in leaves:
         if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, bool, complex)):
             raise TypeError(
-                f"state{_checks._path(path)} must be an array or a number, got "
+                f"state{jax.tree_util.keystr(path)} must be an array or a number, got "
                 f"{describe(leaf)}; non-array fields belong in step_fn's closure (or a "
                 "pytree's static fields, e.g. flax.struct.field(pytree_node=False))."
             )
@@ -145,7 +145,14 @@ def _check_step(step_fn, state, batch_spec, rng) -> Any:
     """Traces one step abstractly; the new state must match ``state`` leaf for leaf."""
     form = "step_fn(state, batch, rng)" if rng is not None else "step_fn(state, batch)"
     args = (state, batch_spec) if rng is None else (state, batch_spec, rng)
-    out = jax.eval_shape(step_fn, *args)
+    try:
+        out = jax.eval_shape(step_fn, *args)
+    except TypeError as err:  # a str or an object among the outputs
+        if "not a valid JAX type" not in str(err):
+            raise
+        raise ValueError(
+            f"step_fn must return (state, metrics) of arrays, as {form}; {err}"
+        ) from None
     if not isinstance(out, tuple) or len(out) != 2:
         raise ValueError(f"step_fn must return (state, metrics) as {form}, got {describe(out)}.")
     new, metrics = out
@@ -158,8 +165,9 @@ def _check_step(step_fn, state, batch_spec, rng) -> Any:
         )
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
         if a.shape != b.shape or a.dtype != b.dtype:
+            where = "state" + jax.tree_util.keystr(path)
             raise ValueError(
-                f"step_fn changed state{_checks._path(path)} from {a.dtype}{list(a.shape)} to "
+                f"step_fn changed {where} from {a.dtype}{list(a.shape)} to "
                 f"{b.dtype}{list(b.shape)}; a step must keep every leaf's shape and dtype "
                 "(cast it back, e.g. x.astype(old.dtype))."
             )
@@ -312,4 +320,3 @@ def scan_steps(
         UserStep(step_fn, rng is not None), state, data, key, rng, eval_data, epochs=epochs,
         steps=steps_n, unroll=unroll, evaluation=evaluation, log_every=log_every,
     )  # fmt: skip
-
