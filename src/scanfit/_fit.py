@@ -211,6 +211,9 @@ def fit(
         non-finite policy (``"raise"`` and ``"ignore"`` count as one until an
         update is non-finite). A difference raises ``CheckpointMismatchError``
         naming it. ``epochs`` may differ: the run goes on to its new end.
+        Params and model state equal to those the newest checkpoint holds (its
+        last update's or best evaluation's: an NNX module this run trained in
+        place, passed again) continue that run.
         Fingerprinting hashes all the data once per call (about 0.8 s per GiB
         here) and lowers one update; it is done only with ``checkpoint_dir``.
         ``False``: start afresh; the checkpoints already there are moved into
