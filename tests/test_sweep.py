@@ -243,7 +243,8 @@ def test_sweep_seeds_reseed_an_nnx_modules_rng_streams():
     np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key[...]), before)
 
 
-def test_sweep_of_an_init_function_returning_a_module_equals_single_runs():
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_sweep_of_an_init_function_returning_a_module_equals_single_runs(framework):
     nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
     eqx = pytest.importorskip("equinox", reason="equinox is in the examples extra")
     from test_adapters import NNXNet, digits_like, nnx_loss
@@ -252,17 +253,15 @@ def test_sweep_of_an_init_function_returning_a_module_equals_single_runs():
         logits = jax.vmap(model)(batch[0])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-    inits = [
-        (nnx_loss, lambda k: NNXNet(nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)))),
-        (eqx_loss, lambda k: eqx.nn.MLP(6, 3, 8, 1, key=k)),
-    ]
+    loss, init = {
+        "nnx": (nnx_loss, lambda k: NNXNet(nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)))),
+        "equinox": (eqx_loss, lambda k: eqx.nn.MLP(6, 3, 8, 1, key=k)),
+    }[framework]
     seeds, data = [3, 7], digits_like(8)
-    for loss, init in inits:
-        res = scanfit.sweep(loss, init, lambda lr: optax.adam(lr), data, {"lr": [1e-2, 1e-2]},
-                            seeds=seeds)  # fmt: skip
-        for i, seed in enumerate(seeds):
-            init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-            one = scanfit.scan_train(loss, init(init_key), optax.adam(1e-2), data,
-                                     key=shuffle_key)  # fmt: skip
-            np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-5)  # as above
-        assert not np.allclose(res.losses[0], res.losses[1], rtol=1e-3)
+    res = scanfit.sweep(loss, init, lambda lr: optax.adam(lr), data, {"lr": [1e-2, 1e-2]},
+                        seeds=seeds)  # fmt: skip
+    for i, seed in enumerate(seeds):
+        init_key, shuffle_key = jax.random.split(jax.random.key(seed))
+        one = scanfit.scan_train(loss, init(init_key), optax.adam(1e-2), data, key=shuffle_key)
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-5)  # as above
+    assert not np.allclose(res.losses[0], res.losses[1], rtol=1e-3)
