@@ -56,18 +56,37 @@ class Checkpointer:
 
         ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
         releases the lock). ``resume=False`` moves the checkpoints there aside.
+
+        A run whose initial params and model state are those the newest checkpoint holds
+        (its last update's, or its best evaluation's), all else equal, continues it: an
+        NNX module trained in place by an earlier call of this run, passed again. Its
+        fingerprint then keeps the checkpoint's initial-state entries.
         """
         with self.dir.closing_on_error():
             self.fingerprint = fingerprint_of()
-            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
             restored = None
             if resume:
+                self.dir.differences = functools.partial(self._continuing, state=state)
                 restored = _restore(self.dir, state, history, total, epochs, mesh, self.source)
             else:
                 self.dir.move_aside()
+            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
         state, history = restored or (state, history)
         self.last_saved = _int(state.step)
         return state, history
+
+    def _continuing(self, meta: dict[str, Any], *, state: TrainState) -> list[str]:
+        """``_differences`` for the newest sound checkpoint, adopting its initial-state
+        entries when ``state`` is the state it holds (see ``open``); once only."""
+        self.dir.differences = functools.partial(_differences, current=self.fingerprint)
+        found = _differences(meta, current=self.fingerprint)
+        others = _differences(meta, current=self.fingerprint, ignore=_INITIAL)
+        if found and not others and _holds(meta, state):
+            saved = meta["fingerprint"]
+            self.fingerprint = {**self.fingerprint, **{k: saved.get(k) for k in _INITIAL}}
+            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
+            return []
+        return found
 
     def on_chunk(self, info, state: TrainState, history) -> None:
         if (
@@ -188,8 +207,9 @@ def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
     return jax.tree.map(restore, like, tree)
 
 
-def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
-    """How a checkpoint's run differs from this one (``_fingerprint.differences``)."""
+def _differences(meta: dict[str, Any], *, current: dict[str, Any], ignore=()) -> list[str]:
+    """How a checkpoint's run differs from this one (``_fingerprint.differences``), leaving
+    out the entries named in ``ignore``."""
     saved = meta.get("fingerprint")
     if not isinstance(saved, dict):
         return ["it holds no fingerprint"]
@@ -197,7 +217,35 @@ def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
     # the same run ("skip" compiles another, which rounds differently).
     policies = {saved.get("nan_policy"), current["nan_policy"]}
     same = policies <= {"raise", "ignore"} and not meta.get("nonfinite_seen", True)
-    return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
+    ignore = (*ignore, "nan_policy") if same else tuple(ignore)
+    return _fingerprint.differences(saved, current, ignore=ignore)
+
+
+# The fingerprint entries of the initial state: a run passed the state a checkpoint of it
+# holds (an NNX module trained in place) continues it, whatever they say.
+_INITIAL = ("params", "opt_state", "model_state")
+
+
+def _holds(meta: dict[str, Any], state: TrainState) -> bool:
+    """Whether a checkpoint holds ``state``'s params and model state, bitwise: as its last
+    update's state, or as its best evaluation's (``fit(restore_best=True)``)."""
+    saved = meta.get("arrays")
+    if not isinstance(saved, dict):
+        return False
+    mine = {
+        **_checkpoint._flatten("params", _keys_as_data(state.params)),
+        **_checkpoint._flatten("model_state", _keys_as_data(state.model_state)),
+    }
+    sums = {k: _checkpoint._checksum(a) for k, a in mine.items()}
+    for where in ("", "evaluation.best_"):
+        theirs = {
+            k[len(where) :]: v[2]
+            for k, v in saved.items()
+            if k.startswith((where + "params", where + "model_state"))
+        }
+        if theirs == sums:
+            return True
+    return False
 
 
 def _restore(checkpoints, state, history, total, epochs, mesh, source):

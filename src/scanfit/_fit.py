@@ -153,6 +153,7 @@ def fit(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    restore_best: bool = False,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -211,6 +212,9 @@ def fit(
         non-finite policy (``"raise"`` and ``"ignore"`` count as one until an
         update is non-finite). A difference raises ``CheckpointMismatchError``
         naming it. ``epochs`` may differ: the run goes on to its new end.
+        Params and model state equal to those the newest checkpoint holds (its
+        last update's or best evaluation's: an NNX module this run trained in
+        place, passed again) continue that run.
         Fingerprinting hashes all the data once per call (about 0.8 s per GiB
         here) and lowers one update; it is done only with ``checkpoint_dir``.
         ``False``: start afresh; the checkpoints already there are moved into
@@ -249,6 +253,11 @@ def fit(
         position of those boundaries in a chunk: pick ``chunk_steps`` a multiple
         of ``eval_every`` for one). After an early stop no further chunk is
         dispatched. ``chunk_steps`` must be a multiple of ``log_every``.
+      restore_best: as for ``scan_train``: with ``best``, ``res.params`` and
+        ``res.model_state`` (and an NNX module, in place) end at the best
+        evaluation, an Equinox module's ``res.params`` is the best module.
+        Checkpoints hold the last update's state as always (and the best
+        one); calling ``fit`` again with the NNX module so left resumes.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -274,6 +283,7 @@ def fit(
         ``step`` attribute is the update that saved state reached.
     """
     params_in, model_state_in = params, model_state
+    _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -315,7 +325,8 @@ def fit(
         resume=resume,
     )  # fmt: skip
     _warn_if_all_skipped(policy, total, state)
-    return model.finish(history.result(state))
+    result = history.result(state)
+    return model.finish(_adapters.at_best(result) if restore_best else result)
 
 
 class Run(NamedTuple):

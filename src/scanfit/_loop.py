@@ -324,6 +324,7 @@ def scan_train(
     best: tuple[str, str] | None = None,
     patience: int | None = None,
     log_every: int | None = None,
+    restore_best: bool = False,
 ) -> TrainResult:
     """Trains ``params`` on every microbatch of ``data`` in one XLA program.
 
@@ -388,6 +389,12 @@ def scan_train(
         updates, summed in the carry instead of stacked per update; it must
         divide the number of updates. After an early stop, a group's mean is over
         the updates done in it, NaN for a group with none.
+      restore_best: with ``best``, end at the best evaluation (Keras's
+        ``restore_best_weights``): ``res.params`` and ``res.model_state`` are
+        ``res.best_params`` and ``res.best_model_state`` (the initial ones if no
+        evaluation improved), an NNX module passed as ``params`` is left at
+        that state, an Equinox module's ``res.params`` is the best module.
+        ``res.opt_state`` stays that of the last update.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -412,7 +419,8 @@ def scan_train(
         evaluation argument without ``eval_fn`` (or ``eval_fn`` without
         ``eval_data``), ``eval_fn`` not returning a dict of scalars, ``best``
         not naming one of its metrics with ``"min"`` or ``"max"``, ``patience``
-        without ``best``, ``log_every`` not dividing the updates.
+        or ``restore_best=True`` without ``best``, ``log_every`` not dividing
+        the updates.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
         ``key`` or ``rng`` not a PRNG key, params not floating, ``loss_fn``
         not callable, a Flax ``TrainState`` as params.
@@ -442,6 +450,7 @@ def scan_train(
       [40, 80, 120, -1]
     """
     params_in = params
+    _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -490,4 +499,4 @@ def scan_train(
         evaluation=evaluation,
         log_every=log_every,
     )
-    return model.finish(result)
+    return model.finish(_adapters.at_best(result) if restore_best else result)
