@@ -307,3 +307,23 @@ def test_bad_step_arguments_are_clear_errors():
         scanfit.fit_steps(_fixed, jnp.float32(0), steps=3, nan_policy="skip")
     with pytest.raises(TypeError, match="rng must be a PRNG key"):
         scanfit.scan_steps(_fixed, jnp.float32(0), steps=3, rng=3)
+
+
+def test_fit_steps_of_a_vmapped_step_trains_each_configuration(x64):
+    data, _ = _problem(np.random.randint(1 << 30))
+
+    def sgd(state, batch):
+        w, lr = state
+        x, y = batch
+        loss, g = jax.value_and_grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+        return (w - lr * g, lr), {"loss": loss}
+
+    lrs = jnp.array([0.3, 0.1, 0.01])
+    states = (jnp.zeros((3, 3)), lrs)
+    res = scanfit.fit_steps(jax.vmap(sgd, in_axes=(0, None)), states, data, epochs=2,
+                            chunk_steps=5)  # fmt: skip
+    assert res.metrics["loss"].shape == (12, 3)
+    for i in range(3):
+        single = scanfit.scan_steps(sgd, (jnp.zeros(3), lrs[i]), data, epochs=2)
+        _close(res.state[0][i], single.state[0], rtol=1e-10)
+        _close(res.metrics["loss"][:, i], single.metrics["loss"], rtol=1e-10)
