@@ -61,10 +61,13 @@ class MetricsLogger:
     A chunk record holds the chunk's mean loss, the mean of each aux leaf (scalar
     leaves; others as their mean) and the learning rate where the optimizer state
     exposes it (``optax.inject_hyperparams``); an evaluation record, its metrics.
+    Each is on disk before the checkpointer (the last observer) saves the chunk, so
+    a resumed run finds every record up to its checkpoint. ``start``: the update
+    the run starts from (0: a new run; see ``_metrics_log.MetricsLog``).
     """
 
     def __init__(self, log_dir: str | Path, start: int):
-        self.log = _metrics_log.MetricsLog(log_dir, resume_step=start)
+        self.log = _metrics_log.MetricsLog(log_dir, start=start)
 
     def __enter__(self) -> MetricsLogger:
         return self
