@@ -190,8 +190,18 @@ def fit(
         leaf, ``learning_rate`` where the optimizer state exposes it, e.g.
         ``optax.inject_hyperparams``) and one per evaluation (its metrics);
         with ``tensorboardX`` installed (the ``tensorboard`` extra), the same
-        scalars go to TensorBoard event files there. A resumed run drops the
-        records the interrupted one wrote past its checkpoint.
+        scalars go to TensorBoard event files there. Each record is written
+        when logged (a killed run keeps it). After an early stop the last
+        chunk record is at ``stopped_at``, its means over the updates done.
+        A new run (from update 0: no checkpoint to resume, or
+        ``resume=False``) first moves the ``metrics.jsonl`` and event files
+        of an earlier run there into ``log_dir/previous-<k>/`` (nothing is
+        deleted; TensorBoard shows each as a run). A resumed run drops what
+        the interrupted one logged past its checkpoint, rewriting both logs
+        atomically (written aside, fsynced, renamed: a kill leaves the old
+        or the new, never a short file), so each (tag, step) is logged once
+        and the log equals an uninterrupted run's. A last line torn by a kill
+        is dropped with a ``RuntimeWarning`` naming the file.
       checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
         chunk boundaries and at the end. The run holds a lock on it
         (``.lock``) from start to end, and checks it is writable before
