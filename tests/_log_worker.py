@@ -49,12 +49,12 @@ def eval_fn(p, batch):
     return {"val_loss": loss(p, batch)[0]}
 
 
-def train(log_dir, checkpoint_dir, on_chunk=None, **kwargs):
+def train(log_dir, checkpoint_dir, on_chunk=None, lr=0.05, **kwargs):
     params, data = problem()
     return scanfit.fit(
         loss,
         params,
-        optax.inject_hyperparams(optax.adam)(learning_rate=0.05),
+        optax.inject_hyperparams(optax.adam)(learning_rate=lr),
         data,
         epochs=4,
         has_aux=True,

@@ -111,6 +111,20 @@ def test_a_second_run_keeps_every_record_of_the_first(tmp_path, reference):
     assert_same_log(log, reference)
 
 
+def test_a_resume_never_cuts_another_runs_log(tmp_path, reference):
+    log = tmp_path / "log"
+    _log_worker.train(log, tmp_path / "a", on_chunk=lambda info: info.step < 20)  # saved at 20
+    first = {p.name: p.read_bytes() for p in log.iterdir()}
+    _log_worker.train(log, tmp_path / "b", lr=0.01)  # another run, into the same log_dir
+    second = {p.name: p.read_bytes() for p in log.iterdir() if p.is_file()}
+    with pytest.warns(RuntimeWarning, match=r"'.*log' was written by another run: it is moved"):
+        _log_worker.train(log, tmp_path / "a")  # the first run resumes at update 20
+    assert {p.name: p.read_bytes() for p in (log / "previous-1").iterdir()} == first
+    assert {p.name: p.read_bytes() for p in (log / "previous-2").iterdir()} == second
+    want = [r for r in _metrics_log.read(reference) if r["step"] > 20]
+    assert _metrics_log.read(log) == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(8))
 def test_kills_anywhere_then_resume_equal_the_uninterrupted_log(tmp_path, reference, trial):

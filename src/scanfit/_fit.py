@@ -200,8 +200,9 @@ def fit(
         the interrupted one logged past its checkpoint, rewriting both logs
         atomically (written aside, fsynced, renamed: a kill leaves the old
         or the new, never a short file), so each (tag, step) is logged once
-        and the log equals an uninterrupted run's. A last line torn by a kill
-        is dropped with a ``RuntimeWarning`` naming the file.
+        and the log equals an uninterrupted run's (a log another run wrote
+        there since is moved aside instead, with a ``RuntimeWarning``). A last
+        line torn by a kill is dropped with a ``RuntimeWarning`` naming the file.
       checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
         chunk boundaries and at the end. The run holds a lock on it
         (``.lock``) from start to end, and checks it is writable before
@@ -341,8 +342,10 @@ def fit(
             state, history = saver.open(
                 fingerprint, state, history, resume=resume, total=total, epochs=epochs, mesh=mesh
             )
-        observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
-                              on_chunk=on_chunk)  # fmt: skip
+        observers = _watchers(
+            stack, state, total, progress=progress, log_dir=log_dir, on_chunk=on_chunk,
+            run=saver.fingerprint if saver else None,
+        )  # fmt: skip
         try:
             state = _driver.drive(
                 program, source, state, history, [*observers, *([saver] if saver else [])],
@@ -364,12 +367,13 @@ def _on_mesh(mesh, devices, data, eval_data):
     return mesh, eval_data
 
 
-def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
-    """The observers besides the checkpointer, entered in ``stack``: they close with it."""
+def _watchers(stack, state, total, *, progress, log_dir, on_chunk, run=None) -> list:
+    """The observers besides the checkpointer, entered in ``stack``: they close with it.
+    ``run``: the checkpoint fingerprint, which names the run in the metrics log."""
     start = int(_driver._host(state.step))
     observers = [stack.enter_context(_observers.ProgressBar(total, start, progress))]
     if log_dir is not None:
-        observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start)))
+        observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start, run)))
     if on_chunk is not None:
         observers.append(_observers.Callback(on_chunk))
     return observers

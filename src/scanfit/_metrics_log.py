@@ -13,6 +13,9 @@ records of one run, and as durable as its checkpoints:
 - A resumed run (from update ``s``) drops what the interrupted one logged past
   ``s``: each file is rewritten atomically (a copy written aside, fsynced,
   renamed over it), so a kill leaves the old file or the new, never a short one.
+  It cuts only its own log: ``.scanfit-run`` names the run that wrote the files
+  (a digest of its checkpoint fingerprint); another run's files are moved aside
+  as for a new run, with a warning.
 - A line torn by a kill mid-append is dropped with a ``RuntimeWarning`` naming
   the file.
 
@@ -35,6 +38,7 @@ import numpy as np
 from scanfit import _checkpoint, _event_files
 
 FILE = "metrics.jsonl"
+RUN = ".scanfit-run"  # which run wrote the files beside it
 _TMP_PREFIX = ".tmp-log-"  # a rewrite's copy before it is renamed over the original
 
 
@@ -71,21 +75,26 @@ class MetricsLog:
       start: the update this run starts from. ``0``: a new run, which first moves an
         earlier run's files into ``log_dir/previous-<k>/``; above: a resumed run,
         which drops the records the interrupted run logged past ``start``.
+      run: what identifies the run (the same string when it resumes), or None. Files
+        of another run are moved aside even on resume; files that name no run are
+        taken as this run's.
     """
 
-    def __init__(self, log_dir: str | Path, start: int = 0):
+    def __init__(self, log_dir: str | Path, start: int = 0, run: str | None = None):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.dir.glob(_TMP_PREFIX + "*"):  # a rewrite killed before its rename
             leftover.unlink()
         tensorboard = _has_tensorboard()
-        if start == 0:
+        if start == 0 or _another_run(self.dir, run, start):
             move_aside(self.dir)
         else:
             _cut_jsonl(self.dir / FILE, start)
             if tensorboard:
                 for path in sorted(self.dir.glob(_event_files.PATTERN)):
                     _cut_events(path, start)
+        if run is not None and _run_of(self.dir) != run:
+            _replace(self.dir / RUN, run.encode())
         self._file = open(self.dir / FILE, "a")  # noqa: SIM115  (closed by close())
         self._tb = _event_files.EventFile(self.dir) if tensorboard else None
 
@@ -116,12 +125,35 @@ def _has_tensorboard() -> bool:
     return True
 
 
+def _run_of(log_dir: Path) -> str | None:
+    """The run that wrote the files in ``log_dir``, None if they name none."""
+    path = log_dir / RUN
+    return path.read_text() if path.exists() else None
+
+
+def _another_run(log_dir: Path, run: str | None, start: int) -> bool:
+    """Whether a run resuming at ``start`` finds another run's files in ``log_dir``
+    (with a warning: they are moved aside, and this run's log starts at ``start``)."""
+    found = _run_of(log_dir)
+    if run is None or found is None or found == run:
+        return False
+    warnings.warn(
+        f"the metrics log in {str(log_dir)!r} was written by another run: it is moved into "
+        f"previous-<k>/ there, and this run, resumed at update {start}, logs from there on.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
+
+
 def move_aside(log_dir: Path) -> Path | None:
-    """Moves ``metrics.jsonl`` and the event files of ``log_dir`` into a new
+    """Moves ``metrics.jsonl``, the event files and the run's name of ``log_dir`` into a new
     ``log_dir/previous-<k>/``; returns it (None when there is nothing to move)."""
-    files = [p for p in [log_dir / FILE, *log_dir.glob(_event_files.PATTERN)] if p.is_file()]
+    names = [log_dir / FILE, *log_dir.glob(_event_files.PATTERN)]
+    files = [p for p in names if p.is_file()]
     if not files:
         return None
+    files += [log_dir / RUN] if (log_dir / RUN).is_file() else []
     k = 1
     while True:
         dest = log_dir / f"previous-{k}"

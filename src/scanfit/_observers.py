@@ -6,6 +6,8 @@ others; returning False from ``on_chunk`` stops the run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,15 @@ def _name(path) -> str:
     return ".".join(str(k) for k in keys)
 
 
+def _run_name(fingerprint: dict | None) -> str | None:
+    """A digest of the fingerprint, the same for every call of fit that resumes the run
+    (``nan_policy`` left out: ``"raise"`` and ``"ignore"`` may resume each other)."""
+    if fingerprint is None:
+        return None
+    entries = {k: v for k, v in fingerprint.items() if k != "nan_policy"}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 class MetricsLogger:
     """``log_dir/metrics.jsonl`` (and TensorBoard): one record per chunk and per evaluation.
 
@@ -63,11 +74,13 @@ class MetricsLogger:
     exposes it (``optax.inject_hyperparams``); an evaluation record, its metrics.
     Each is on disk before the checkpointer (the last observer) saves the chunk, so
     a resumed run finds every record up to its checkpoint. ``start``: the update
-    the run starts from (0: a new run; see ``_metrics_log.MetricsLog``).
+    the run starts from (0: a new run; see ``_metrics_log.MetricsLog``);
+    ``fingerprint``: the run's checkpoint fingerprint (None without checkpoints),
+    which names the run that wrote the log.
     """
 
-    def __init__(self, log_dir: str | Path, start: int):
-        self.log = _metrics_log.MetricsLog(log_dir, start=start)
+    def __init__(self, log_dir: str | Path, start: int, fingerprint: dict | None = None):
+        self.log = _metrics_log.MetricsLog(log_dir, start=start, run=_run_name(fingerprint))
 
     def __enter__(self) -> MetricsLogger:
         return self
