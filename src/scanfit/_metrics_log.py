@@ -99,7 +99,7 @@ class MetricsLog:
         self._tb = _event_files.EventFile(self.dir) if tensorboard else None
 
     def write(self, step: int, kind: str, scalars: dict[str, Any]) -> None:
-        """Logs ``scalars`` (name -> number) at update ``step``; on disk when it returns."""
+        """Logs ``scalars`` (name -> number) at update ``step``, handed to the OS at once."""
         record = {"step": int(step), "kind": kind}
         record.update({name: _number(v) for name, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
