@@ -53,6 +53,8 @@ def make_problem(seed=0):
 
 PARAMS, DATA = make_problem()
 ADAM = optax.adam(1e-3)
+
+
 def _step(loss_fn):
     """The step factory fit builds for a plain loss and ADAM."""
     return OptaxStep(loss_fn, ADAM)
@@ -206,9 +208,7 @@ _DIGEST_SCRIPT = textwrap.dedent(
 
 def test_program_digest_is_the_same_in_another_process():
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
-    here = _fingerprint.program_digest(
-        _checkpointer._update_program(_step(mse), state, DATA, None)
-    )
+    here = _fingerprint.program_digest(_checkpointer._update_program(_step(mse), state, DATA, None))
     script = _DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

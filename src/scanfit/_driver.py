@@ -271,14 +271,17 @@ def drive(
             if program.policy == "raise" and (int(bad) >= 0 or not bool(state_finite)):
                 bad, state, loss = _divergence(program, flight, history, losses)
                 raise Diverged(bad, loss, state)
-            state, flight = new_state, None
+            state, start, flight = new_state, flight.start, None
             history.add(losses, aux, metrics)
+            halt = stopped_at(state)  # early stopping: the carry says so
+            end = nxt if halt < 0 else halt  # a stop skips the chunk's updates after it
+            done = history.rows(end)[0] - history.rows(start)[0]  # rows of the updates done
             info = ChunkInfo(
-                nxt, total, (nxt - 1) // per_epoch, time.perf_counter() - t0, losses,
-                state.params, int(skipped), jax.tree.map(lambda a: a.mean(0), aux), metrics,
-                state.opt_state, state.model_state,
+                end, total, (end - 1) // per_epoch, time.perf_counter() - t0, losses[:done],
+                state.params, int(skipped), jax.tree.map(lambda a, n=done: a[:n].mean(0), aux),
+                metrics, state.opt_state, state.model_state,
             )  # fmt: skip
-            stop = stopped_at(state) >= 0  # early stopping: the carry says so
+            stop = halt >= 0
             for observer in observers:
                 stop = (observer.on_chunk(info, state, history) is False) or stop
             if stop:

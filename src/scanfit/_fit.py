@@ -192,8 +192,19 @@ def fit(
         leaf, ``learning_rate`` where the optimizer state exposes it, e.g.
         ``optax.inject_hyperparams``) and one per evaluation (its metrics);
         with ``tensorboardX`` installed (the ``tensorboard`` extra), the same
-        scalars go to TensorBoard event files there. A resumed run drops the
-        records the interrupted one wrote past its checkpoint.
+        scalars go to TensorBoard event files there. Each record is written
+        when logged (a killed run keeps it). After an early stop the last
+        chunk record is at ``stopped_at``, its means over the updates done.
+        A new run (from update 0: no checkpoint to resume, or
+        ``resume=False``) first moves the ``metrics.jsonl`` and event files
+        of an earlier run there into ``log_dir/previous-<k>/`` (nothing is
+        deleted; TensorBoard shows each as a run). A resumed run drops what
+        the interrupted one logged past its checkpoint, rewriting both logs
+        atomically (written aside, fsynced, renamed: a kill leaves the old
+        or the new, never a short file), so each (tag, step) is logged once
+        and the log equals an uninterrupted run's (a log another run wrote
+        there since is moved aside instead, with a ``RuntimeWarning``). A last
+        line torn by a kill is dropped with a ``RuntimeWarning`` naming the file.
       checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
         chunk boundaries and at the end. The run holds a lock on it
         (``.lock``) from start to end, and checks it is writable before
@@ -350,6 +361,7 @@ class Run(NamedTuple):
     finish: Callable  # TrainResult -> what the user gets (modules, StepsResult)
     unroll: int = 1
     fingerprint: dict | None = None  # more fingerprint entries (settings, eval program)
+    has_loss: bool = True  # a loss to report (fit_steps: a "loss" metric)
 
 
 def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir,
@@ -388,8 +400,10 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
                 fingerprint, state, history, resume=resume, total=total, epochs=run.epochs,
                 mesh=run.mesh,
             )  # fmt: skip
-        observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
-                              on_chunk=on_chunk)  # fmt: skip
+        observers = _watchers(
+            stack, state, total, progress=progress, log_dir=log_dir, on_chunk=on_chunk,
+            run=saver.fingerprint if saver else None, loss=run.has_loss,
+        )  # fmt: skip
         try:
             state = _driver.drive(
                 program, source, state, history, [*observers, *([saver] if saver else [])],
@@ -410,12 +424,15 @@ def on_mesh(mesh, devices, data, eval_data):
     return mesh, eval_data
 
 
-def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
-    """The observers besides the checkpointer, entered in ``stack``: they close with it."""
+def _watchers(stack, state, total, *, progress, log_dir, on_chunk, run=None, loss=True) -> list:
+    """The observers besides the checkpointer, entered in ``stack``: they close with it.
+    ``run``: the checkpoint fingerprint, which names the run in the metrics log; ``loss``:
+    whether the run has a loss to report."""
     start = int(_driver._host(state.step))
-    observers = [stack.enter_context(_observers.ProgressBar(total, start, progress))]
+    observers = [stack.enter_context(_observers.ProgressBar(total, start, progress, loss))]
     if log_dir is not None:
-        observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start)))
+        logger = _observers.MetricsLogger(log_dir, start, run, loss)
+        observers.append(stack.enter_context(logger))
     if on_chunk is not None:
         observers.append(_observers.Callback(on_chunk))
     return observers

@@ -165,6 +165,7 @@ def fit_steps(
         evaluation=evaluation, eval_data=eval_data, log_every=log_every, mesh=mesh,
         policy=policy, output_spec=(loss_spec, metrics_spec), finish=_finish(evaluation),
         unroll=unroll, fingerprint=_checkpointer.eval_entries(evaluation, state, None, eval_data),
+        has_loss="loss" in metrics_spec,
     )  # fmt: skip
     carry, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
