@@ -6,6 +6,7 @@ from scanfit._errors import CheckpointWarning as CheckpointWarning
 from scanfit._errors import CheckpointWriteError as CheckpointWriteError
 from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
+from scanfit._errors import Preempted as Preempted
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
 from scanfit._linear import scan_training_step as scan_training_step
@@ -25,6 +26,7 @@ __all__ = [
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
+    "Preempted",
     "TrainResult",
     "fit",
     "grid",

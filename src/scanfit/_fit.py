@@ -27,10 +27,12 @@ from scanfit import (
     _checkpoint_dir,
     _checkpointer,
     _checks,
+    _compile_cache,
     _driver,
     _eval,
     _observers,
     _parallel,
+    _preempt,
     _sources,
 )
 from scanfit._driver import ChunkInfo, History
@@ -152,6 +154,7 @@ def fit(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    compile_cache: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -248,6 +251,28 @@ def fit(
         position of those boundaries in a chunk: pick ``chunk_steps`` a multiple
         of ``eval_every`` for one). After an early stop no further chunk is
         dispatched. ``chunk_steps`` must be a multiple of ``log_every``.
+      compile_cache: a directory for JAX's persistent compilation cache (created if
+        missing): every program this call compiles is written there (process 0
+        writes, all read), and a rerun, a resume after preemption included, reads
+        them back instead of compiling (it still traces and lowers them). Global
+        while ``fit`` runs: JAX's cache settings (``jax_compilation_cache_dir``,
+        ``jax_enable_compilation_cache``, ``jax_persistent_cache_min_compile_time_secs``
+        set to 0, ``jax_persistent_cache_min_entry_size_bytes`` to -1) apply to every
+        compilation in the process, any thread's; they are restored afterwards and
+        JAX's cache object reset, so the process's own cache, if any, is used again
+        from its next compilation. Trust the directory as you trust code: JAX loads
+        executables from it.
+
+    SIGTERM (what Slurm, Kubernetes and spot VMs send before reclaiming a machine)
+    is handled like Ctrl-C, but at a chunk boundary: the chunk in flight completes,
+    every observer sees it, it is checkpointed, and ``Preempted`` is raised. Its
+    handler is installed for the run only, from the main thread only (from another
+    thread SIGTERM keeps its meaning), not over ``SIG_IGN``, and the previous one is
+    restored whatever ends the run. On many hosts every process stops at the same
+    chunk: under JAX's preemption service (on by default after
+    ``jax.distributed.initialize()``) at JAX's preemption sync point, which JAX
+    sets a chunk or more after the signal (it polls for it every second); else at
+    the first boundary after it, agreed by an all-gather of each process's flag.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -271,7 +296,12 @@ def fit(
         would exceed 1 GiB.
       KeyboardInterrupt: re-raised after saving the last completed chunk; its
         ``step`` attribute is the update that saved state reached.
+      scanfit.Preempted: a ``KeyboardInterrupt`` after SIGTERM; ``.step`` (the
+        update a rerun resumes from) and ``.checkpoint_dir``. A SIGTERM that comes
+        after the last chunk boundary raises it as ``fit`` returns; one that comes
+        with another error lets that error through.
     """
+    cache_dir = _compile_cache.check_dir(compile_cache)
     params_in, model_state_in = params, model_state
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
@@ -305,7 +335,6 @@ def fit(
         data, stream, key=key, n=n, accumulate=accumulate, mesh=mesh,
         track=checkpoint_dir is not None,
     )  # fmt: skip
-    state = _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
     history = _history(
         loss_spec, aux_spec, evaluation, (params, model_state, eval_data), log_every, total
     )
@@ -316,6 +345,9 @@ def fit(
         extended=model.extended, rng=rng,
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_compile_cache.persistent(cache_dir))  # before the first compilation
+        state = _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data,
+                               mesh)  # fmt: skip
         saver = None
         if checkpoint_dir is not None:
             saver = stack.enter_context(_checkpointer.Checkpointer(
@@ -333,11 +365,11 @@ def fit(
             )
         observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
                               on_chunk=on_chunk)  # fmt: skip
+        observers += [saver] if saver else []
+        # Last: it raises Preempted after every other observer has seen the chunk.
+        observers.append(stack.enter_context(_preempt.Preemption(checkpoint_dir)))
         try:
-            state = _driver.drive(
-                program, source, state, history, [*observers, *([saver] if saver else [])],
-                per_epoch=per_epoch,
-            )  # fmt: skip
+            state = _driver.drive(program, source, state, history, observers, per_epoch=per_epoch)
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, model, checkpoint_dir, accumulate) from None
     _warn_if_all_skipped(policy, total, state)
