@@ -55,6 +55,8 @@ def _settings(path: Path) -> dict[str, Any]:
 def persistent(path: Path | None) -> Iterator[None]:
     """JAX's persistent compilation cache in ``path`` while the block runs (nothing if None).
 
+    JAX creates ``path`` at the first compilation, so a run refused before it leaves none.
+
     Global while it runs: every compilation in the process, from any thread, reads
     and writes ``path``. The four settings of ``_settings`` are restored afterwards
     and JAX's cache object reset, so a cache the process used before (its own
@@ -63,7 +65,6 @@ def persistent(path: Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    path.mkdir(parents=True, exist_ok=True)
     wanted = _settings(path)
     saved = {name: getattr(jax.config, name) for name in wanted}
     try:
