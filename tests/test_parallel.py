@@ -1,8 +1,10 @@
 """Data parallelism on 4 fake CPU devices (conftest) and two real processes over 127.0.0.1."""
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -190,3 +192,62 @@ def test_model_state_on_two_devices_equals_one_device():
     assert_close(two, one)
     np.testing.assert_allclose(two.model_state["mean"], one.model_state["mean"], rtol=RTOL)
     assert int(two.model_state["count"]) == int(one.model_state["count"]) == 48
+
+
+def _pair(worker, *args):
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(pid), str(port), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+
+
+def _wait(procs):
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["service", "allgather"])
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, mode):
+    worker = Path(__file__).parent / "_dist_preempt_worker.py"
+    procs = _pair(worker, tmp_path, mode)
+    seen = []  # JAX and gloo log to the same pipe
+    while not seen or seen[-1] not in ("ready\n", ""):
+        seen.append(procs[0].stdout.readline())
+    assert seen[-1] == "ready\n", "".join(seen)
+    time.sleep(0.3)
+    procs[0].send_signal(signal.SIGTERM)  # the scheduler reclaims process 0's machine
+    for code, out in _wait(procs):
+        assert code == 3, out[-3000:]
+    stops = [(tmp_path / f"stop-{pid}").read_text().split() for pid in (0, 1)]
+    step = int(stops[0][0])
+    assert stops[0] == stops[1] and 0 < step < 240  # the same step on both
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == step
+    procs = _pair(worker, tmp_path, mode)  # both resume there and run to the end
+    for code, out in _wait(procs):
+        assert code == 0, out[-3000:]
+    loss, params, data = problem()
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded = jax.device_put(data, NamedSharding(mesh, PartitionSpec(None, "data")))
+    one = scanfit.fit(
+        loss, params, optax.adam(0.01), sharded, epochs=10, key=jax.random.key(0),
+        chunk_steps=4, mesh=mesh, progress=False,
+    )  # fmt: skip
+    with np.load(tmp_path / "result-0.npz") as got:
+        assert int(got["start"]) == step
+        np.testing.assert_allclose(got["losses"], one.losses, rtol=RTOL)
+        np.testing.assert_allclose(got["w"], one.params["w"].addressable_data(0), rtol=RTOL)
