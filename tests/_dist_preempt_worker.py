@@ -15,12 +15,11 @@ import time
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 import scanfit
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _parallel_problem import problem  # noqa: E402
+from _dist_worker import join  # noqa: E402
 
 EPOCHS, CHUNK = 10, 4  # 240 updates, 60 chunks
 
@@ -34,18 +33,9 @@ def train(loss, params, data, mesh, checkpoint_dir, on_chunk=None):
 
 
 def main() -> None:
-    # Set here, not at import: pytest imports this module when it collects doctests.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_num_cpu_devices", 2)
     pid, port, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     jax.config.update("jax_enable_preemption_service", mode == "service")
-    jax.distributed.initialize(
-        f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60
-    )
-    loss, params, (x, y) = problem()
-    half = x.shape[1] // 2
-    local = (x[:, pid * half : (pid + 1) * half], y[:, pid * half : (pid + 1) * half])
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    loss, params, local, mesh = join(pid, port)
 
     start = []  # where this run began: 0, or the checkpoint it resumed
 

@@ -149,51 +149,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_like_one(tmp_path):
-    worker = Path(__file__).parent / "_dist_worker.py"
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(pid), str(port), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in (0, 1)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    loss, params, data = problem()
-    one = adam_fit(loss, params, data)
-    with np.load(tmp_path / "result.npz") as got:
-        np.testing.assert_allclose(got["losses"], one.losses, rtol=RTOL)
-        np.testing.assert_allclose(got["w"], one.params["w"], rtol=RTOL, atol=1e-6)
-    # Process 0 alone wrote the checkpoints.
-    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == 48
-
-
-def test_model_state_on_two_devices_equals_one_device():
-    """Batch statistics over the global batch and dropout masks as one device draws them."""
-    from _stateful_problem import problem as stateful_problem
-
-    loss, params, state, data = stateful_problem()
-    kwargs = dict(model_state=state, rng=jax.random.key(3))
-    one = adam_fit(loss, params, data, **kwargs)
-    two = adam_fit(loss, params, data, devices=2, **kwargs)
-    assert_close(two, one)
-    np.testing.assert_allclose(two.model_state["mean"], one.model_state["mean"], rtol=RTOL)
-    assert int(two.model_state["count"]) == int(one.model_state["count"]) == 48
-
-
 def _pair(worker, *args):
     port = _free_port()
     return [
@@ -218,6 +173,32 @@ def _wait(procs):
                 p.kill()
                 p.communicate()
     return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    worker = Path(__file__).parent / "_dist_worker.py"
+    for code, out in _wait(_pair(worker, tmp_path)):
+        assert code == 0, out[-3000:]
+    loss, params, data = problem()
+    one = adam_fit(loss, params, data)
+    with np.load(tmp_path / "result.npz") as got:
+        np.testing.assert_allclose(got["losses"], one.losses, rtol=RTOL)
+        np.testing.assert_allclose(got["w"], one.params["w"], rtol=RTOL, atol=1e-6)
+    # Process 0 alone wrote the checkpoints.
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == 48
+
+
+def test_model_state_on_two_devices_equals_one_device():
+    """Batch statistics over the global batch and dropout masks as one device draws them."""
+    from _stateful_problem import problem as stateful_problem
+
+    loss, params, state, data = stateful_problem()
+    kwargs = dict(model_state=state, rng=jax.random.key(3))
+    one = adam_fit(loss, params, data, **kwargs)
+    two = adam_fit(loss, params, data, devices=2, **kwargs)
+    assert_close(two, one)
+    np.testing.assert_allclose(two.model_state["mean"], one.model_state["mean"], rtol=RTOL)
+    assert int(two.model_state["count"]) == int(one.model_state["count"]) == 48
 
 
 @pytest.mark.slow

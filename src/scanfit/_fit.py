@@ -271,8 +271,8 @@ def fit(
     restored whatever ends the run. On many hosts every process stops at the same
     chunk: under JAX's preemption service (on by default after
     ``jax.distributed.initialize()``) at JAX's preemption sync point, which JAX
-    sets a chunk or more after the signal (it polls for it every second); else at
-    the first boundary after it, agreed by an all-gather of each process's flag.
+    sets asynchronously, possibly a chunk or more after the signal; else at the
+    first boundary after it, agreed by an all-gather of each process's flag.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
