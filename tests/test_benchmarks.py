@@ -20,7 +20,7 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     suites = ("seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv")
-    suites += ("eval",)
+    suites += ("eval", "restart")
     for suite in suites:
         assert f"===== {suite}: ok" in proc.stdout
         payload = json.loads((tmp_path / f"{suite}.json").read_text())

@@ -6,6 +6,7 @@ from scanfit._errors import CheckpointWarning as CheckpointWarning
 from scanfit._errors import CheckpointWriteError as CheckpointWriteError
 from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
+from scanfit._errors import Preempted as Preempted
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
 from scanfit._fit_steps import fit_steps as fit_steps
@@ -28,6 +29,7 @@ __all__ = [
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
+    "Preempted",
     "StepsResult",
     "TrainResult",
     "fit",

@@ -80,7 +80,8 @@ class Observer(Protocol):
     """What the driver hands each chunk to. None of them knows the others."""
 
     def on_chunk(self, info: ChunkInfo, state: TrainState, history: History) -> bool | None:
-        """After each chunk; returning False stops the run (after this chunk)."""
+        """After each chunk; returning False stops the run (after this chunk). Raising
+        KeyboardInterrupt (``Preempted``) ends it as Ctrl-C does, this chunk kept."""
 
     def on_end(self, state: TrainState, history: History) -> None:
         """Once, with the last state kept: at the end, a stop, a divergence, Ctrl-C."""

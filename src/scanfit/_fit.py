@@ -27,10 +27,12 @@ from scanfit import (
     _checkpoint_dir,
     _checkpointer,
     _checks,
+    _compile_cache,
     _driver,
     _eval,
     _observers,
     _parallel,
+    _preempt,
     _sources,
 )
 from scanfit._driver import ChunkInfo, History
@@ -154,6 +156,7 @@ def fit(
     devices: Any = None,
     steps_per_epoch: int | None = None,
     restore_best: bool = False,
+    compile_cache: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -269,6 +272,28 @@ def fit(
         evaluation, an Equinox module's ``res.params`` is the best module.
         Checkpoints hold the last update's state as always (and the best
         one); calling ``fit`` again with the NNX module so left resumes.
+      compile_cache: a directory for JAX's persistent compilation cache (created if
+        missing): every program this call compiles is written there (process 0
+        writes, all read), and a rerun, a resume after preemption included, reads
+        them back instead of compiling (it still traces and lowers them). Global
+        while ``fit`` runs: JAX's cache settings (``jax_compilation_cache_dir``,
+        ``jax_enable_compilation_cache``, ``jax_persistent_cache_min_compile_time_secs``
+        set to 0, ``jax_persistent_cache_min_entry_size_bytes`` to -1) apply to every
+        compilation in the process, any thread's; they are restored afterwards and
+        JAX's cache object reset, so the process's own cache, if any, is used again
+        from its next compilation. Trust the directory as you trust code: JAX loads
+        executables from it.
+
+    SIGTERM (what Slurm, Kubernetes and spot VMs send before reclaiming a machine)
+    is handled like Ctrl-C, but at a chunk boundary: the chunk in flight completes,
+    every observer sees it, it is checkpointed, and ``Preempted`` is raised. Its
+    handler is installed for the run only, from the main thread only (from another
+    thread SIGTERM keeps its meaning), not over ``SIG_IGN``, and the previous one is
+    restored whatever ends the run. On many hosts every process stops at the same
+    chunk: under JAX's preemption service (on by default after
+    ``jax.distributed.initialize()``) at JAX's preemption sync point, which JAX
+    sets asynchronously, possibly a chunk or more after the signal; else at the
+    first boundary after it, agreed by an all-gather of each process's flag.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -292,7 +317,12 @@ def fit(
         would exceed 1 GiB.
       KeyboardInterrupt: re-raised after saving the last completed chunk; its
         ``step`` attribute is the update that saved state reached.
+      scanfit.Preempted: a ``KeyboardInterrupt`` after SIGTERM; ``.step`` (the
+        update a rerun resumes from) and ``.checkpoint_dir``. A SIGTERM that comes
+        after the last chunk boundary raises it as ``fit`` returns; one that comes
+        with another error lets that error through.
     """
+    cache_dir = _compile_cache.check_dir(compile_cache)
     params_in, model_state_in = params, model_state
     _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
@@ -322,9 +352,12 @@ def fit(
         updates=total,
     )  # fmt: skip
     step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, policy == "skip", model.extended)
-    state = initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
+    init = functools.partial(
+        initial_state, params, opt_state, model_state, optimizer, evaluation, eval_data, mesh
+    )
     run = Run(
-        step=step, state=state, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
+        step=step, init=init, params=params, model_state=model_state, data=data,
+        checked=checked, stream=stream, n=n, epochs=epochs,
         key=key, rng=rng, evaluation=evaluation, eval_data=eval_data, log_every=log_every,
         mesh=mesh, policy=policy, output_spec=output_spec, finish=model.finish,
         unroll=unroll, fingerprint={"accumulate": accumulate, "has_aux": has_aux,
@@ -333,7 +366,7 @@ def fit(
     state, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume,
+        resume=resume, compile_cache=cache_dir,
     )  # fmt: skip
     _warn_if_all_skipped(policy, total, state)
     result = history.result(state)
@@ -344,7 +377,9 @@ class Run(NamedTuple):
     """What a run of ``fit`` or ``fit_steps`` is, checked: the pieces ``execute`` wires."""
 
     step: Any  # the step factory (_scan.Step): loss + optax, or the user's step
-    state: TrainState  # the initial carry, in fresh buffers (placed on the mesh)
+    init: Callable[[], TrainState]  # the initial carry in fresh buffers, on the mesh
+    params: Any  # the initial params (fit_steps: state), checked
+    model_state: Any  # the initial model state, or None
     data: Any  # the data as given (arrays, memmaps, an iterable), or None
     checked: Any  # the data as _sources.open_data checked it (an iterable's first chunk)
     stream: Any  # an iterable's stream, or None
@@ -364,8 +399,10 @@ class Run(NamedTuple):
     has_loss: bool = True  # a loss to report (fit_steps: a "loss" metric)
 
 
-def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir,
-            checkpoint_every, keep, resume) -> tuple[TrainState, History]:  # fmt: skip
+def execute(
+    run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir, checkpoint_every,
+    keep, resume, compile_cache,
+) -> tuple[TrainState, History]:  # fmt: skip
     """Runs ``run`` in compiled chunks with the observers; returns the last carry and the
     history. Shared by ``fit`` and ``fit_steps``: one driver for every form."""
     accumulate = run.step.accumulate
@@ -376,15 +413,16 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
         run.data, run.stream, key=run.key, n=run.n, accumulate=accumulate, mesh=run.mesh,
         track=checkpoint_dir is not None,
     )  # fmt: skip
-    history = _history(*run.output_spec, run.evaluation, run.state, run.eval_data,
-                       run.log_every, total)  # fmt: skip
+    history = _history(*run.output_spec, run.evaluation, run.params, run.model_state,
+                       run.eval_data, run.log_every, total)  # fmt: skip
     program = _driver.Program(
         policy=run.policy, total=total, chunk=chunk, evaluation=run.evaluation,
         eval_data=run.eval_data, log_every=run.log_every, step=run.step, unroll=run.unroll,
         rng=run.rng,
     )  # fmt: skip
-    state = run.state
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_compile_cache.persistent(compile_cache))  # before any compilation
+        state = run.init()
         saver = None
         if checkpoint_dir is not None:
             saver = stack.enter_context(_checkpointer.Checkpointer(
@@ -404,11 +442,11 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
             stack, state, total, progress=progress, log_dir=log_dir, on_chunk=on_chunk,
             run=saver.fingerprint if saver else None, loss=run.has_loss,
         )  # fmt: skip
+        observers += [saver] if saver else []
+        # Last: it raises Preempted after every other observer has seen the chunk.
+        observers.append(stack.enter_context(_preempt.Preemption(checkpoint_dir)))
         try:
-            state = _driver.drive(
-                program, source, state, history, [*observers, *([saver] if saver else [])],
-                per_epoch=per_epoch,
-            )  # fmt: skip
+            state = _driver.drive(program, source, state, history, observers, per_epoch=per_epoch)
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, run.finish, checkpoint_dir, accumulate) from None
     return state, history
@@ -446,13 +484,14 @@ def initial_state(params, opt_state, model_state, optimizer, evaluation, eval_da
     return state if mesh is None else _parallel.put_replicated(state, mesh)
 
 
-def _history(loss_spec, aux_spec, evaluation, state, eval_data, log_every, total) -> History:
+def _history(loss_spec, aux_spec, evaluation, params, model_state, eval_data, log_every,
+             total) -> History:  # fmt: skip
     """An empty history of the run: losses (or log-group means), aux, evaluations."""
     every = None if evaluation is None else evaluation.every
     log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
     sizes = (total // (log_every or 1), _eval.layout(0, total, every, total).evaluations)
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    empty = _empty_metrics(evaluation, state.params, state.model_state, eval_data)
+    empty = _empty_metrics(evaluation, params, model_state, eval_data)
     return History(np.zeros((0,), log_dtype), empty_aux, evaluation, sizes, empty, log_every, total)
 
 

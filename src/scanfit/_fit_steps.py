@@ -8,13 +8,14 @@ user's (``_steps.UserStep``) instead of loss + optax.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from scanfit import _checkpointer, _checks, _sources, _steps
+from scanfit import _checkpointer, _checks, _compile_cache, _sources, _steps
 from scanfit._driver import ChunkInfo
 from scanfit._fit import Run, check_fit_settings, execute, initial_state, on_mesh
 from scanfit._loop import TrainResult
@@ -86,6 +87,7 @@ def fit_steps(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    compile_cache: str | os.PathLike | None = None,
 ) -> StepsResult:
     """Runs ``scan_steps``' loop in compiled chunks, with checkpoints and resume.
 
@@ -98,7 +100,9 @@ def fit_steps(
         ``data`` may also be NumPy arrays and memmaps (streamed a chunk at a
         time) or an iterable of microbatches, as for ``fit``.
       chunk_steps, progress, log_dir, checkpoint_dir, checkpoint_every, keep,
-        resume, mesh, devices, steps_per_epoch: as for ``fit``. Checkpoints
+        resume, mesh, devices, steps_per_epoch, compile_cache: as for ``fit``
+        (SIGTERM too: the chunk in flight completes and is checkpointed, then
+        ``scanfit.Preempted``). Checkpoints
         hold the whole state (typed and raw PRNG keys, environment states,
         several optimizer states) and the metrics so far; a resumed run
         continues bitwise. The fingerprint covers the step as compiled (what
@@ -121,7 +125,7 @@ def fit_steps(
     Raises:
       DivergenceError, DataExhaustedError, scanfit.CheckpointMismatchError,
       scanfit.CheckpointLockedError, scanfit.CheckpointWriteError,
-      KeyboardInterrupt: as for ``fit``.
+      KeyboardInterrupt, scanfit.Preempted: as for ``fit``.
       ValueError, TypeError: bad arguments, as for ``scan_steps`` and ``fit``.
 
     Example:
@@ -134,6 +138,7 @@ def fit_steps(
       >>> bool(res.state == ref.state), res.metrics["position"].shape
       (True, (100,))
     """
+    cache_dir = _compile_cache.check_dir(compile_cache)
     checked, stream, n, key, batch = _checked_data(
         data, steps=steps, epochs=epochs, key=key, unroll=unroll, steps_per_epoch=steps_per_epoch
     )
@@ -158,10 +163,11 @@ def fit_steps(
         log_every=log_every, updates=epochs * n,
     )  # fmt: skip
     loss_spec = jax.eval_shape(_steps._loss_of, metrics_spec)
+    init = functools.partial(initial_state, state, (), None, None, evaluation, eval_data, mesh)
     run = Run(
-        step=_steps.UserStep(step_fn, rng is not None), state=initial_state(
-            state, (), None, None, evaluation, eval_data, mesh),
-        data=data, checked=checked, stream=stream, n=n, epochs=epochs, key=key, rng=rng,
+        step=_steps.UserStep(step_fn, rng is not None), init=init, params=state,
+        model_state=None, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
+        key=key, rng=rng,
         evaluation=evaluation, eval_data=eval_data, log_every=log_every, mesh=mesh,
         policy=policy, output_spec=(loss_spec, metrics_spec), finish=_finish(evaluation),
         unroll=unroll, fingerprint=_checkpointer.eval_entries(evaluation, state, None, eval_data),
@@ -170,6 +176,6 @@ def fit_steps(
     carry, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume,
+        resume=resume, compile_cache=cache_dir,
     )  # fmt: skip
     return run.finish(history.result(carry))
