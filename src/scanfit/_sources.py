@@ -173,6 +173,7 @@ class _Spec:
                     f"must be a numeric array, got {_checks.describe(raw)}."
                 )
         self.leaves = [(x.shape, x.dtype) for x in leaves]
+        self.paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
         self.flat_tuple = self.treedef == jax.tree.structure(tuple(range(len(leaves))))
 
     def leaves_of(self, microbatch: PyTree, index: int) -> list[np.ndarray]:
@@ -328,11 +329,9 @@ class StreamSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the data without reading it: one microbatch's spec and the epoch
         length. Contents are hashed as they stream (``checkpoint_state``)."""
+        leaves = {p: [list(s), str(d)] for p, (s, d) in zip(self.spec.paths, self.spec.leaves)}
         return {
-            "iterable": {
-                "treedef": str(self.spec.treedef),
-                "leaves": [[list(s), str(d)] for s, d in self.spec.leaves],
-            },
+            "microbatch": {"treedef": str(self.spec.treedef), "leaves": leaves},
             "microbatches_per_epoch": self.per_epoch,
         }
 
