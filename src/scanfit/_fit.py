@@ -119,6 +119,7 @@ def _check_fit_settings(
     return nan_policy or "raise"
 
 
+@_checks.integer_settings
 def fit(
     loss_fn: Callable,
     params: PyTree,
@@ -298,7 +299,7 @@ def fit(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in, model=model,
-        updates=total,
+        updates=total, data=checked,
     )  # fmt: skip
     _checks.check_log_every(log_every, total, chunk)
     source = _sources.make_source(

@@ -160,10 +160,26 @@ def _decode_iterator_state(saved: dict) -> Any:
     return saved["json"]
 
 
+def _is_number_list(node: Any) -> bool:
+    """A (nested) Python list of numbers: a loader that never made arrays."""
+    return isinstance(node, list) and any(
+        isinstance(v, (int, float, complex)) or _is_number_list(v) for v in node
+    )
+
+
 class _Spec:
     """The tree structure, shapes and dtypes every microbatch must have: the first one's."""
 
     def __init__(self, first: PyTree):
+        nested = jax.tree_util.tree_leaves_with_path(first, is_leaf=_is_number_list)
+        for path, leaf in nested:
+            if isinstance(leaf, list):
+                raise TypeError(
+                    f"microbatch 0 of data: {jax.tree_util.keystr(path) or '(root)'} is a "
+                    f"Python list of numbers ({_checks.describe(leaf)}); each leaf of a "
+                    "microbatch must be an array: convert it with np.asarray in the loader "
+                    "(or its collate function)."
+                )
         with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(first)
         leaves = [np.asarray(x) for _, x in with_paths]
         for (path, raw), x in zip(with_paths, leaves):

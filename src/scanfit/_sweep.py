@@ -113,6 +113,7 @@ def _sweep_jit(
     return jax.vmap(one)(hparams, keys, rngs)
 
 
+@_checks.integer_settings
 def sweep(
     loss_fn: Callable,
     params: PyTree | Callable[[jax.Array], PyTree],
@@ -250,6 +251,7 @@ def sweep(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in,
         model=model._replace(params=example_params), updates=epochs * n // accumulate,
+        data=data,
     )  # fmt: skip
     if init is None:
         params = _checks.check_params(params)
