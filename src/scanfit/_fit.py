@@ -29,6 +29,7 @@ from scanfit import (
     _checks,
     _driver,
     _eval,
+    _nonfinite,
     _observers,
     _parallel,
     _sources,
@@ -342,7 +343,9 @@ def fit(
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, model, checkpoint_dir, accumulate) from None
     _warn_if_all_skipped(policy, total, state)
-    return model.finish(history.result(state))
+    result = history.result(state)
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
+    return model.finish(result)
 
 
 def _on_mesh(mesh, devices, data, eval_data):

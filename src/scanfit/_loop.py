@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _adapters, _checks, _eval
+from scanfit import _adapters, _checks, _eval, _nonfinite
 from scanfit._conv import canonical_convs
 
 PyTree = Any
@@ -723,4 +723,5 @@ def scan_train(
         evaluation=evaluation,
         log_every=log_every,
     )
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
     return model.finish(result)
