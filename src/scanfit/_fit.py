@@ -174,11 +174,12 @@ def fit(
         a grain or torch DataLoader with NumPy collation, ``tf.data`` as
         NumPy): see "Data from loaders" in the README. Each epoch calls
         ``iter(data)`` again (a one-shot iterator allows ``epochs=1`` only);
-        ``key`` does not apply (the loader shuffles). On resume, an iterator
-        with ``get_state()``/``set_state()`` (grain) is set to its saved
-        state; any other is re-read past the microbatches already used in
-        the current epoch (that costs reading them), which are checked
-        against a hash saved with the checkpoint.
+        ``key`` does not apply (the loader shuffles). Every microbatch the
+        run takes, over all epochs, is chained into a hash saved with each
+        checkpoint; on resume the iterable is read again from its start up to
+        the checkpoint and checked against it (that costs reading them), or
+        an iterator with ``get_state()``/``set_state()`` (grain) is set to
+        its state one chunk before the checkpoint and that chunk checked.
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
         if given, else the whole run in one call, in both cases at most
         65,536 updates and 64 MiB of per-update losses and aux per call (so
