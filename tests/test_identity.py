@@ -154,19 +154,21 @@ def grain_loader(x, y, *, seed=3, n=N):
 
 
 @pytest.mark.parametrize(
-    "other, message",
+    "stop, other, message",
     [
         # the same repr, other contents: grain sets the state; the window re-read differs
-        (dict(x_scale=2), r"the 3 microbatches 6..8 of the run, re-read from the state"),
+        (9, dict(x_scale=2), r"the 3 microbatches 6..8 of the run, re-read from the state"),
         # another seed, more records: grain refuses the state; re-read from the start
-        (dict(seed=4), r"re-read from its start, the 9 microbatches of epoch 0 before update 9"),
-        (dict(n=N + 4), r"re-read from its start, the 9 microbatches of epoch 0 before"),
+        (9, dict(seed=4), r"re-read from its start, the 9 microbatches of epoch 0 before update"),
+        (9, dict(n=N + 4), r"re-read from its start, the 9 microbatches of epoch 0 before"),
+        # re-iterated for epoch 1 with another seed: its first microbatches re-read differ
+        (15, dict(seed=4), r"the 3 microbatches 12..14 of the run, re-read"),
     ],
 )
-def test_a_grain_loader_with_other_data_is_refused(tmp_path, other, message):
+def test_a_grain_loader_with_other_data_is_refused(tmp_path, stop, other, message):
     x, y = make_data(n=N + 4)
     kw = dict(epochs=2, steps_per_epoch=N, checkpoint_dir=tmp_path)
-    fit(grain_loader(x, y), on_chunk=stop_at(9), **kw)  # epoch 0, chunk [6, 9) after [3, 6)
+    fit(grain_loader(x, y), on_chunk=stop_at(stop), **kw)  # anchored a chunk (3) before
     x2 = x * other.pop("x_scale", 1)
     with pytest.raises(Mismatch, match=r"data differs from the checkpoint's run: " + message):
         fit(grain_loader(x2, y, **other), **kw)
