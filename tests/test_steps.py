@@ -363,3 +363,14 @@ def test_fit_steps_sigterm_saves_and_the_rerun_resumes_bitwise(tmp_path):
     whole = scanfit.scan_steps(step, state, data, epochs=2)
     np.testing.assert_array_equal(np.asarray(resumed.state[0]), np.asarray(whole.state[0]))
     np.testing.assert_array_equal(resumed.metrics["d_loss"], whole.metrics["d_loss"])
+
+
+def test_numpy_integers_and_nan_evaluations_in_the_step_form():
+    def walk(state, batch):
+        return state + 1.0, {"loss": state}
+
+    res = scanfit.scan_steps(walk, jnp.float32(0), steps=np.int64(6), log_every=np.int32(3))
+    assert res.metrics["loss"].tolist() == [1.0, 4.0]
+    with pytest.warns(RuntimeWarning, match="eval metric 'v' is nan at the evaluation after"):
+        scanfit.fit_steps(walk, jnp.float32(0), steps=6, eval_every=np.int64(2),
+                          eval_fn=lambda s, _: {"v": s * jnp.nan})  # fmt: skip

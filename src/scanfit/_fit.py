@@ -30,6 +30,7 @@ from scanfit import (
     _compile_cache,
     _driver,
     _eval,
+    _nonfinite,
     _observers,
     _parallel,
     _preempt,
@@ -122,6 +123,7 @@ def check_fit_settings(
     return nan_policy or "raise"
 
 
+@_checks.integer_settings
 def fit(
     loss_fn: Callable,
     params: PyTree,
@@ -177,11 +179,12 @@ def fit(
         a grain or torch DataLoader with NumPy collation, ``tf.data`` as
         NumPy): see "Data from loaders" in the README. Each epoch calls
         ``iter(data)`` again (a one-shot iterator allows ``epochs=1`` only);
-        ``key`` does not apply (the loader shuffles). On resume, an iterator
-        with ``get_state()``/``set_state()`` (grain) is set to its saved
-        state; any other is re-read past the microbatches already used in
-        the current epoch (that costs reading them), which are checked
-        against a hash saved with the checkpoint.
+        ``key`` does not apply (the loader shuffles). Every microbatch the
+        run takes, over all epochs, is chained into a hash saved with each
+        checkpoint; on resume the iterable is read again from its start up to
+        the checkpoint and checked against it (that costs reading them), or
+        an iterator with ``get_state()``/``set_state()`` (grain) is set to
+        its state one chunk before the checkpoint and that chunk checked.
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
         if given, else the whole run in one call, in both cases at most
         65,536 updates and 64 MiB of per-update losses and aux per call (so
@@ -349,7 +352,7 @@ def fit(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in, model=model,
-        updates=total,
+        updates=total, data=checked,
     )  # fmt: skip
     step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, policy == "skip", model.extended)
     init = functools.partial(
@@ -370,6 +373,7 @@ def fit(
     )  # fmt: skip
     _warn_if_all_skipped(policy, total, state)
     result = history.result(state)
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
     return model.finish(_adapters.at_best(result) if restore_best else result)
 
 

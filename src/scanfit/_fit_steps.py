@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from scanfit import _checkpointer, _checks, _compile_cache, _sources, _steps
+from scanfit import _checkpointer, _checks, _compile_cache, _nonfinite, _sources, _steps
 from scanfit._driver import ChunkInfo
 from scanfit._fit import Run, check_fit_settings, execute, initial_state, on_mesh
 from scanfit._loop import TrainResult
@@ -59,6 +59,7 @@ def _checked_data(data, *, steps, epochs, key, unroll, steps_per_epoch):
     return checked, stream, n, _checks.check_key(key), _steps.first_batch(checked)
 
 
+@_checks.integer_settings
 def fit_steps(
     step_fn: Callable,
     state: PyTree,
@@ -160,7 +161,7 @@ def fit_steps(
     mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     evaluation = _steps.eval_spec(
         eval_fn, eval_data, state, eval_every=eval_every, best=best, patience=patience,
-        log_every=log_every, updates=epochs * n,
+        log_every=log_every, updates=epochs * n, train_batch=batch,
     )  # fmt: skip
     loss_spec = jax.eval_shape(_steps._loss_of, metrics_spec)
     init = functools.partial(initial_state, state, (), None, None, evaluation, eval_data, mesh)
@@ -178,4 +179,6 @@ def fit_steps(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
         resume=resume, compile_cache=cache_dir,
     )  # fmt: skip
-    return run.finish(history.result(carry))
+    result = run.finish(history.result(carry))
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
+    return result

@@ -118,6 +118,7 @@ def _sweep_jit(
     return jax.vmap(one)(hparams, seeds, rngs)
 
 
+@_checks.integer_settings
 def sweep(
     loss_fn: Callable,
     params: PyTree | Callable[[jax.Array], PyTree],
@@ -267,7 +268,7 @@ def sweep(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in,
-        model=model, updates=epochs * n // accumulate,
+        model=model, updates=epochs * n // accumulate, data=data,
     )  # fmt: skip
     params = None if init is not None else _checks.check_params(example_params)
     result = _sweep_jit(
