@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 import scanfit
+from scanfit import _checkpoint
 
 N, B, D = 60, 8, 4
 
@@ -74,18 +75,18 @@ def main() -> None:
     if "--kill-in-save" in sys.argv:
         nth = int(sys.argv[sys.argv.index("--kill-in-save") + 1])
         calls = {"n": 0}
-        real_savez = np.savez
+        real_write = _checkpoint._write_zip
 
-        def dying_savez(f, **arrays):
+        def dying_write(f, arrays, meta):  # runs on the save thread
             calls["n"] += 1
             if calls["n"] == nth:
                 f.write(b"PK\x03\x04 half a zip file")
                 f.flush()
                 os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            real_savez(f, **arrays)
+            real_write(f, arrays, meta)
 
-        np.savez = dying_savez
+        _checkpoint._write_zip = dying_write
     res = train(
         ckpt,
         on_chunk=lambda info: time.sleep(0.05),

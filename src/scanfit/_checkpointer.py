@@ -28,10 +28,15 @@ _host = _parallel.to_host
 
 class Checkpointer:
     """Saves when ``every`` updates have passed since the last save (every chunk with
-    None), and at the end of the run, whatever ends it; one writer per directory."""
+    None), and at the end of the run, whatever ends it; one writer per directory.
+
+    Each save is written on a host thread while the next chunk computes (at most one
+    in flight); ``on_end`` returns once the last one landed. A failed save is raised
+    (``CheckpointWriteError``) at the next chunk boundary or at the end.
+    """
 
     def __init__(self, path: Path, *, keep: int, every: int | None, per_epoch: int, source,
-                 finish):  # fmt: skip
+                 finish, donated: bool = True):  # fmt: skip
         self.dir = _checkpoint_dir.CheckpointDir(
             path,
             keep=keep,
@@ -39,6 +44,7 @@ class Checkpointer:
         )
         self.path, self.every, self.per_epoch = path, every, per_epoch
         self.source, self.finish = source, finish  # finish: TrainResult in the user's terms
+        self.donated = donated  # the carry is donated to the next chunk (nan_policy != "raise")
         self.fingerprint: dict[str, Any] = {}
         self.last_saved = 0
         self.failed = False
@@ -77,47 +83,78 @@ class Checkpointer:
             self.save(state, history)
 
     def on_end(self, state: TrainState, history) -> None:
-        if not self.failed and _int(state.step) > self.last_saved:
+        """Saves the last state if it is not saved yet; returns once every save landed."""
+        if self.failed:
+            return
+        if _int(state.step) > self.last_saved:
             self.save(state, history)
+        self._or_fail(state, history, self.dir.wait)
 
     def save(self, state: TrainState, history) -> None:
+        """Starts saving ``state`` on a host thread (``_checkpoint_dir``), after the save
+        before it landed; the caller goes on to the next chunk meanwhile."""
         step = _int(state.step)
         self.last_saved = step
         if not self.dir.writer:
             return
         losses, aux, metrics = history.raw(step)
         skipped, first_bad = _host((state.skipped, state.first_nonfinite))
+        trees = {
+            "params": state.params,
+            "opt_state": state.opt_state,
+            "model_state": _keys_as_data(state.model_state),
+            "counters": {"skipped": skipped, "first_nonfinite": first_bad},
+            "losses": losses,
+            "aux": aux,
+            # The best state so far, the patience count and whether the run stopped.
+            "evaluation": _keys_as_data(state.evaluation),
+            "metrics": metrics,
+        }
+        meta = {
+            "fingerprint": self.fingerprint,
+            "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
+            "epoch": step // self.per_epoch if self.per_epoch else 0,
+            "source": self.source.checkpoint_state(step),
+            "scanfit_version": _version(),
+        }
+        fetch = _fetcher(trees, donated=self.donated)
+        self._or_fail(state, history, lambda: self.dir.start_save(step, fetch, meta))
+
+    def _or_fail(self, state: TrainState, history, action) -> None:
+        """Runs ``action``; a failed save (this one or the one in flight) is raised with
+        ``state``, the newest trained state, attached."""
         try:
-            self.dir.save(
-                step,
-                {
-                    "params": state.params,
-                    "opt_state": state.opt_state,
-                    "model_state": _keys_as_data(state.model_state),
-                    "counters": {"skipped": skipped, "first_nonfinite": first_bad},
-                    "losses": losses,
-                    "aux": aux,
-                    # The best state so far, the patience count and whether the run stopped.
-                    "evaluation": _keys_as_data(state.evaluation),
-                    "metrics": metrics,
-                },
-                {
-                    "fingerprint": self.fingerprint,
-                    "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
-                    "epoch": step // self.per_epoch if self.per_epoch else 0,
-                    "source": self.source.checkpoint_state(step),
-                    "scanfit_version": _version(),
-                },
-            )
+            action()
         except CheckpointWriteError as err:
             self.failed = True
             raise CheckpointWriteError(
                 f"{err}. The checkpoints saved before are intact; the trained state (update "
-                f"{step}) is attached as .state.",
+                f"{_int(state.step)}) is attached as .state.",
                 errno=err.errno,
                 path=err.filename,
                 state=self.finish(history.result(state)),
             ) from err
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def _fetcher(trees: PyTree, *, donated: bool):
+    """A function returning ``trees`` as NumPy arrays, to call on the save thread.
+
+    The carry's buffers are donated to the next chunk (``donated``): the thread
+    must not read them after that. On a CPU, NumPy views of them are free and XLA
+    does not donate a buffer a view holds, so the views are taken here. On an
+    accelerator, a device copy is dispatched here (it runs before the next chunk,
+    and the host does not wait for it); the thread fetches it.
+    """
+    leaves = [x for x in jax.tree.leaves(trees) if isinstance(x, jax.Array)]
+    if all(d.platform == "cpu" for x in leaves for d in x.devices()):
+        host = _host(trees)
+        return lambda: host
+    if donated:
+        trees = _copy(trees)
+    return lambda: _host(trees)
 
 
 def _version() -> str:

@@ -320,7 +320,7 @@ def fit(
         if checkpoint_dir is not None:
             saver = stack.enter_context(_checkpointer.Checkpointer(
                 _checkpoint_dir.check_path(checkpoint_dir), keep=keep, every=checkpoint_every,
-                per_epoch=per_epoch, source=source, finish=model.finish,
+                per_epoch=per_epoch, source=source, finish=model.finish, donated=policy != "raise",
             ))  # fmt: skip
             fingerprint = functools.partial(
                 _checkpointer.fingerprint_of, loss_fn, optimizer, state, checked, stream,
