@@ -9,6 +9,8 @@ from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
 from scanfit._linear import scan_training_step as scan_training_step
+from scanfit._load import Checkpoint as Checkpoint
+from scanfit._load import load as load
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
 from scanfit._sweep import grid as grid
@@ -22,12 +24,14 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointWarning",
     "CheckpointWriteError",
+    "Checkpoint",
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
     "TrainResult",
     "fit",
     "grid",
+    "load",
     "rank",
     "scan_train",
     "scan_training_step",
