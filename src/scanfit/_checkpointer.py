@@ -48,6 +48,8 @@ class Checkpointer:
         self.fingerprint: dict[str, Any] = {}
         self.last_saved = 0
         self.failed = False
+        self._landed = 0  # the newest checkpoint on disk this run saved or resumed from
+        self._flying: int | None = None  # the step of the save in flight
 
     def __enter__(self) -> Checkpointer:
         self.dir.__enter__()
@@ -71,8 +73,13 @@ class Checkpointer:
             else:
                 self.dir.move_aside()
         state, history = restored or (state, history)
-        self.last_saved = _int(state.step)
+        self.last_saved = self._landed = _int(state.step)
         return state, history
+
+    def landed(self) -> int:
+        """The step of the newest checkpoint this run saved (landed on disk) or resumed
+        from; 0 before any. Records up to it are final: a rerun resumes past them."""
+        return self._landed
 
     def on_chunk(self, info, state: TrainState, history) -> None:
         if (
@@ -89,6 +96,7 @@ class Checkpointer:
         if _int(state.step) > self.last_saved:
             self.save(state, history)
         self._or_fail(state, history, self.dir.wait)
+        self._landed, self._flying = self._flying or self._landed, None
 
     def save(self, state: TrainState, history) -> None:
         """Starts saving ``state`` on a host thread (``_checkpoint_dir``), after the save
@@ -96,6 +104,7 @@ class Checkpointer:
         step = _int(state.step)
         self.last_saved = step
         if not self.dir.writer:
+            self._landed = step
             return
         losses, aux, metrics = history.raw(step)
         skipped, first_bad = _host((state.skipped, state.first_nonfinite))
@@ -119,6 +128,7 @@ class Checkpointer:
         }
         fetch = _fetcher(trees, donated=self.donated)
         self._or_fail(state, history, lambda: self.dir.start_save(step, fetch, meta))
+        self._landed, self._flying = self._flying or self._landed, step  # the one before landed
 
     def _or_fail(self, state: TrainState, history, action) -> None:
         """Runs ``action``; a failed save (this one or the one in flight) is raised with

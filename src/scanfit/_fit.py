@@ -32,6 +32,7 @@ from scanfit import (
     _observers,
     _parallel,
     _sources,
+    _trackers,
 )
 from scanfit._driver import ChunkInfo, History
 from scanfit._errors import DataExhaustedError, DivergenceError
@@ -152,6 +153,7 @@ def fit(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    loggers: Any = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -241,6 +243,15 @@ def fit(
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
         takes ``accumulate`` microbatches); required when ``len(data)`` is
         unknown, else ``len(data) // accumulate``.
+      loggers: trackers that get the records of ``log_dir``'s metrics log (required
+        with them): ``"mlflow"`` (an MLflow run in the file store
+        ``log_dir/mlruns``), ``"wandb"`` (an offline W&B run under ``log_dir``),
+        ``"trackio"`` (a run in trackio's local store), or objects with
+        ``log(metrics: dict, step: int)`` and ``close()``; one or a list. Each
+        gets ``{"<kind>/<name>": value}`` (``chunk/loss``, ``eval/val_loss``) per
+        record. With ``checkpoint_dir`` a record is sent once a checkpoint at or
+        past its step has landed, so a resumed run never sends a step twice.
+        The packages are in the ``trackers`` extra.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -291,6 +302,7 @@ def fit(
         keep=keep, nan_policy=nan_policy, skip_nonfinite=skip_nonfinite, on_chunk=on_chunk,
         progress=progress, resume=resume, log_dir=log_dir,
     )  # fmt: skip
+    loggers = _trackers.check(loggers, log_dir)
     mesh, eval_data = _on_mesh(mesh, devices, checked, eval_data)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     per_epoch, total = n // accumulate, epochs * (n // accumulate)
@@ -333,10 +345,11 @@ def fit(
             )
         observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
                               on_chunk=on_chunk)  # fmt: skip
+        trackers = _trackers.enter(stack, loggers, log_dir, int(_driver._host(state.step)), saver)
         try:
             state = _driver.drive(
-                program, source, state, history, [*observers, *([saver] if saver else [])],
-                per_epoch=per_epoch,
+                program, source, state, history,
+                [*observers, *([saver] if saver else []), *trackers], per_epoch=per_epoch,
             )  # fmt: skip
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, model, checkpoint_dir, accumulate) from None

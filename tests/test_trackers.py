@@ -1,0 +1,141 @@
+"""fit(loggers=...): every tracker gets exactly the records of metrics.jsonl, resumed runs
+included, never a step twice."""
+
+import builtins
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import scanfit
+from scanfit import _metrics_log, _trackers
+
+N, B, D = 12, 4, 3
+
+
+def mse(p, batch):
+    x, y = batch
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def problem(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, B, D)).astype(np.float32)
+    y = (x @ rng.normal(size=D) + 0.3).astype(np.float32)
+    return {"w": np.zeros(D, np.float32), "b": np.zeros((), np.float32)}, (x, y)
+
+
+class ListLogger:
+    def __init__(self):
+        self.calls, self.closed = [], False
+
+    def log(self, metrics, step):
+        self.calls.append((step, dict(metrics)))
+
+    def close(self):
+        self.closed = True
+
+
+def run(log_dir, loggers, **kw):
+    params, data = problem()
+    kw = {"chunk_steps": 4, "progress": False, **kw}
+    return scanfit.fit(
+        mse, params, optax.adam(0.05), data, log_dir=log_dir, loggers=loggers,
+        eval_fn=lambda p, b: {"val": mse(p, b)}, eval_data=jax.tree.map(lambda a: a[:2], data),
+        eval_every=3, **kw,
+    )  # fmt: skip
+
+
+def expected(log_dir):
+    """metrics.jsonl as (step, metrics) calls, in the order a tracker gets them."""
+    records = sorted(_metrics_log.read(log_dir), key=lambda r: r["step"])
+    return [(r["step"], _trackers.as_tracker_metrics(r)) for r in records]
+
+
+def same_calls(got, want):
+    """Equal, NaN equal to NaN (a non-finite value is null in JSON and NaN to a tracker)."""
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def test_a_logger_object_gets_exactly_the_metrics_log(tmp_path):
+    logger = ListLogger()
+    run(tmp_path / "logs", logger)
+    want = expected(tmp_path / "logs")
+    assert {"chunk/loss", "eval/val"} <= {k for _, m in want for k in m}
+    same_calls(logger.calls, want)
+    assert logger.closed
+
+
+def test_a_resumed_run_sends_no_step_twice(tmp_path):
+    first, second = ListLogger(), ListLogger()
+    run(tmp_path / "logs", [first], checkpoint_dir=tmp_path / "ckpt")
+    run(tmp_path / "logs", [second], checkpoint_dir=tmp_path / "ckpt", epochs=2)  # goes on
+    assert first.calls and second.calls and second.calls[0][0] > first.calls[-1][0]
+    same_calls(first.calls + second.calls, expected(tmp_path / "logs"))
+
+
+def test_after_ctrl_c_the_rerun_sends_what_was_held_back_once(tmp_path):
+    first, second = ListLogger(), ListLogger()
+
+    def interrupt(info):
+        if info.step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "logs", [first], checkpoint_dir=tmp_path / "ckpt", on_chunk=interrupt)
+    run(tmp_path / "logs", [second], checkpoint_dir=tmp_path / "ckpt")
+    same_calls(first.calls + second.calls, expected(tmp_path / "logs"))
+
+
+def test_bad_loggers_are_clear_errors_before_training(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"loggers names one of \('mlflow', 'wandb', 'trackio'\)"):
+        run(tmp_path, "neptune")
+    with pytest.raises(TypeError, match=r"objects with log\(metrics: dict, step: int\) and close"):
+        run(tmp_path, [object()])
+    with pytest.raises(ValueError, match=r"loggers=.* needs log_dir"):
+        run(None, ListLogger())
+    real = builtins.__import__
+
+    def no_mlflow(name, *args, **kw):
+        if name.startswith("mlflow"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    with pytest.raises(
+        ImportError, match=r"needs the mlflow package: pip install 'scanfit\[trackers\]'"
+    ):
+        run(tmp_path, "mlflow")
+
+
+@pytest.mark.slow  # importing mlflow takes seconds
+def test_mlflow_file_store_reads_back_equal(tmp_path):
+    tracking = pytest.importorskip("mlflow.tracking")
+    run(tmp_path / "logs", "mlflow", checkpoint_dir=tmp_path / "ckpt")
+    run(tmp_path / "logs", "mlflow", checkpoint_dir=tmp_path / "ckpt", epochs=2)  # the same run
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        client = tracking.MlflowClient(tracking_uri=(tmp_path / "logs" / "mlruns").as_uri())
+        exp = client.get_experiment_by_name("scanfit")
+        (mlrun,) = client.search_runs([exp.experiment_id])
+        got = {}
+        for key in mlrun.data.metrics:
+            for m in client.get_metric_history(mlrun.info.run_id, key):
+                got.setdefault(m.step, {})[key] = m.value
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    want: dict = {}
+    for step, metrics in expected(tmp_path / "logs"):
+        for key, value in metrics.items():
+            assert key not in want.get(step, {})  # one value per step and name
+            want.setdefault(step, {})[key] = value
+    assert got.keys() == want.keys()
+    for step in want:
+        same_calls([(step, got[step])], [(step, want[step])])
