@@ -1,11 +1,14 @@
 """A training run for the fault tests, started as a subprocess and killed with SIGKILL.
 
-Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N] [--stateful] [--evaluated]
+Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N [--at F]] [--stateful]
+    [--evaluated] [--skip]
 
 With --kill-in-save N the process SIGKILLs itself halfway through writing its
-N-th checkpoint (after part of the temporary file is on disk), a crash at the
-worst moment. Without it, it trains to the end, slowly enough to be killed
-from outside, and writes its final params and losses to OUT.npz.
+N-th checkpoint (after part of the temporary file is on disk; with --at F, the
+first fraction F of the whole file), a crash at the worst moment. Without it,
+it trains to the end, slowly enough to be killed from outside, and writes its
+final params and losses to OUT.npz. --skip trains under nan_policy="skip" (a
+donated carry).
 """
 
 import os
@@ -37,7 +40,7 @@ def problem():
     return loss, params, (x, y)
 
 
-def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False):
+def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False, skip=False):
     loss, params, data = problem()
     extended = {}
     if evaluated:  # in-graph evaluation on the first 10 microbatches, best state, patience
@@ -66,6 +69,7 @@ def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False):
         keep=2,
         progress=False,
         on_chunk=on_chunk,
+        nan_policy="skip" if skip else None,
         **extended,
     )
 
@@ -77,10 +81,16 @@ def main() -> None:
         calls = {"n": 0}
         real_write = _checkpoint._write_zip
 
+        at = float(sys.argv[sys.argv.index("--at") + 1]) if "--at" in sys.argv else None
+
         def dying_write(f, arrays, meta):  # runs on the save thread
             calls["n"] += 1
             if calls["n"] == nth:
-                f.write(b"PK\x03\x04 half a zip file")
+                if at is None:  # the start of a zip, then death
+                    f.write(b"PK\x03\x04 half a zip file")
+                else:  # the whole file written, cut at a fraction of its bytes, then death
+                    real_write(f, arrays, meta)
+                    f.truncate(int(f.tell() * at))
                 f.flush()
                 os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -92,6 +102,7 @@ def main() -> None:
         on_chunk=lambda info: time.sleep(0.05),
         stateful="--stateful" in sys.argv,
         evaluated="--evaluated" in sys.argv,
+        skip="--skip" in sys.argv,
     )
     np.savez(
         out,

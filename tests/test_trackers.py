@@ -2,8 +2,11 @@
 included, never a step twice."""
 
 import builtins
+import json
 import math
 import os
+import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +142,89 @@ def test_mlflow_file_store_reads_back_equal(tmp_path):
     assert got.keys() == want.keys()
     for step in want:
         same_calls([(step, got[step])], [(step, want[step])])
+
+
+def _merged(calls):
+    """(step, metrics) calls merged per step, as W&B and trackio rows hold them."""
+    rows: dict = {}
+    for step, metrics in calls:
+        rows.setdefault(step, {}).update(metrics)
+    return sorted(rows.items())
+
+
+def _wandb_rows(log_dir):
+    """The history rows of every offline W&B run file under log_dir (a LevelDB-style
+    log of protobuf records: 7-byte file header, 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(log_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, parts, records = path.read_bytes(), 7, b"", []
+        while pos + 7 <= len(data):
+            if 2**15 - pos % 2**15 < 7:  # a block's tail too short for a header: padding
+                pos += 2**15 - pos % 2**15
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            parts = chunk if kind in (1, 2) else parts + chunk
+            if kind in (1, 4):  # a whole record, or its last part
+                records.append(parts)
+        for raw in records:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    i.key or ".".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
+                step = int(items.pop("_step"))
+                rows.append(
+                    (step, {k: float(v) for k, v in items.items() if not k.startswith("_")})
+                )
+    return rows
+
+
+@pytest.mark.slow  # a W&B run starts a service process
+def test_wandb_offline_run_files_read_back_equal(tmp_path):
+    pytest.importorskip("wandb")
+    run(tmp_path / "logs", "wandb", checkpoint_dir=tmp_path / "ckpt")
+    run(tmp_path / "logs", "wandb", checkpoint_dir=tmp_path / "ckpt", epochs=2)  # resumed
+    same_calls(_wandb_rows(tmp_path / "logs"), _merged(expected(tmp_path / "logs")))
+
+
+@pytest.mark.slow  # importing trackio takes seconds
+def test_trackio_local_store_reads_back_equal(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio imports
+    if "trackio" in sys.modules:
+        pytest.skip("trackio was imported before TRACKIO_DIR could be set")
+    trackio = pytest.importorskip("trackio")
+    run(tmp_path / "logs", "trackio", checkpoint_dir=tmp_path / "ckpt")
+    run(tmp_path / "logs", "trackio", checkpoint_dir=tmp_path / "ckpt", epochs=2)  # resumed
+    storage = trackio.sqlite_storage.SQLiteStorage
+    (name,) = storage.get_runs("scanfit")
+    rows = [
+        (int(r["step"]), {k: float(v) for k, v in r.items() if "/" in k})
+        for r in storage.get_logs("scanfit", name)
+    ]
+    same_calls(_merged(rows), _merged(expected(tmp_path / "logs")))
+
+
+def test_cli_logger_is_passed_to_fit_and_needs_log_dir(tmp_path, capsys, monkeypatch):
+    from scanfit import _cli
+
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=x.sum(1))
+    seen = []
+
+    def fake_fit(*args, loggers=None, **kwargs):
+        seen.append(loggers)
+        return scanfit.fit(*args, **kwargs)
+
+    monkeypatch.setattr(_cli, "fit", fake_fit)
+    monkeypatch.setattr(_trackers, "_import", lambda name: None)  # installed or not
+    base = ["train", "--data", str(tmp_path / "d.npz"), "--quiet"]
+    argv = [*base, "--log-dir", str(tmp_path / "logs"), "--logger", "mlflow", "--logger", "wandb"]
+    assert _cli.main(argv) == 0
+    assert seen == [["mlflow", "wandb"]]
+    assert _cli.main([*base, "--logger", "mlflow"]) == 2
+    assert "--logger needs --log-dir" in capsys.readouterr().err

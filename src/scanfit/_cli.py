@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checks, _data, _models
+from scanfit import _checks, _data, _models, _trackers
 from scanfit._errors import (
     CheckpointLockedError,
     CheckpointMismatchError,
@@ -273,6 +273,14 @@ def _output_flags(out) -> None:
         default=None,
         help="write metrics.jsonl (and TensorBoard events if tensorboardX is installed) here",
     )
+    out.add_argument(
+        "--logger",
+        action="append",
+        choices=_trackers.NAMES,
+        default=None,
+        help="also send the metrics to this tracker (repeatable; needs --log-dir): mlflow "
+        "(file store in the log dir), wandb (offline), trackio (local)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
@@ -341,6 +349,13 @@ def _check_paths(args) -> None:
             raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not writable")
     if args.log_dir is not None and args.log_dir.exists() and not args.log_dir.is_dir():
         raise _UsageError(f"--log-dir {args.log_dir}: exists and is not a directory")
+    if args.logger:
+        if args.log_dir is None:
+            raise _UsageError("--logger needs --log-dir (the trackers mirror its metrics.jsonl)")
+        try:
+            _trackers.check(args.logger, args.log_dir)
+        except ImportError as err:
+            raise _UsageError(f"--logger: {err}") from None
     _check_eval_flags(args)
     if args.devices is not None and args.devices > jax.local_device_count():
         raise _UsageError(
@@ -655,6 +670,7 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
             **evaluation,
             # Passed only when given, so that runs without it need no fit(log_dir=).
             **({"log_dir": args.log_dir} if args.log_dir is not None else {}),
+            **({"loggers": args.logger} if args.logger else {}),
         )
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)

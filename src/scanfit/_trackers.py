@@ -237,6 +237,7 @@ class _Wandb:
         self.run = wandb.init(
             mode="offline", dir=str(log_dir), project="scanfit", name=log_dir.name,
             id=run, resume="allow" if run else None, reinit="create_new",
+            settings=wandb.Settings(silent=True),
         )  # fmt: skip
         self.run_id = self.run.id
 
