@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller state, fewer repeats")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the json")
+    p.add_argument("--reps", type=int, default=None, help="repeats (default: 5, quick 2)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = {**(QUICK if args.quick else FULL), **({"reps": args.reps} if args.reps else {})}
     info = machine()
     print(f"operations benchmark{' (quick)' if args.quick else ''}: {describe_machine(info)}")
     params, data = workload(cfg["width"], cfg["hidden"], cfg["chunks"] * CHUNK)
