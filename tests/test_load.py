@@ -1,6 +1,8 @@
 """scanfit.load: the newest verified checkpoint, bitwise what fit returned, into any structure."""
 
 import shutil
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +13,15 @@ import pytest
 import scanfit
 from scanfit import _checkpoint, _load
 
-N, B, D = 8, 4, 3
+sys.path.insert(0, str(Path(__file__).parent))
+import _linear_problem  # noqa: E402
+from _linear_problem import D, mse  # noqa: E402
 
-
-def mse(p, batch):
-    x, y = batch
-    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+N = 8  # microbatches: checkpoints at updates 4 and 8
 
 
 def problem(seed):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(N, B, D)).astype(np.float32)
-    y = (x @ rng.normal(size=D) + 0.3).astype(np.float32)
-    params = {"w": rng.normal(size=D).astype(np.float32), "b": np.zeros((), np.float32)}
-    return params, (x, y)
+    return _linear_problem.problem(seed, N)
 
 
 def assert_tree_equal(a, b):

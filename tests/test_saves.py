@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,20 +21,7 @@ from scanfit import _checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _fault_worker  # noqa: E402
-
-N, B, D = 12, 4, 3
-
-
-def mse(p, batch):
-    x, y = batch
-    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
-
-
-def problem(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(N, B, D)).astype(np.float32)
-    y = (x @ rng.normal(size=D) + 0.3).astype(np.float32)
-    return {"w": rng.normal(size=D).astype(np.float32), "b": np.zeros((), np.float32)}, (x, y)
+from _linear_problem import mse, problem  # noqa: E402
 
 
 def assert_same(a, b):
@@ -113,10 +99,21 @@ def _worker(ckpt, out, *extra):
     return proc
 
 
+class _References(dict):
+    """The uninterrupted worker runs, by nan_policy "skip" or not, each trained when first asked."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def __missing__(self, skip: bool):
+        self[skip] = _fault_worker.train(self.path / str(skip), skip=skip)
+        return self[skip]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reference")
-    return {skip: _fault_worker.train(path / str(skip), skip=skip) for skip in (False, True)}
+    return _References(tmp_path_factory.mktemp("reference"))
 
 
 def _kill_and_resume(tmp_path, uninterrupted, *, skip: bool, in_save=None, delay=0.0):

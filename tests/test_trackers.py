@@ -7,9 +7,9 @@ import math
 import os
 import struct
 import sys
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -17,19 +17,8 @@ import pytest
 import scanfit
 from scanfit import _metrics_log, _trackers
 
-N, B, D = 12, 4, 3
-
-
-def mse(p, batch):
-    x, y = batch
-    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
-
-
-def problem(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(N, B, D)).astype(np.float32)
-    y = (x @ rng.normal(size=D) + 0.3).astype(np.float32)
-    return {"w": np.zeros(D, np.float32), "b": np.zeros((), np.float32)}, (x, y)
+sys.path.insert(0, str(Path(__file__).parent))
+from _linear_problem import mse, problem  # noqa: E402
 
 
 class ListLogger:

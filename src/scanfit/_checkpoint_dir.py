@@ -214,11 +214,6 @@ class CheckpointDir:
             stacklevel=4,
         )
 
-    def save(self, step: int, trees: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Writes a checkpoint and waits for it (``start_save``, then ``wait``)."""
-        self.start_save(step, lambda: trees, meta)
-        return self.wait()
-
     def start_save(
         self, step: int, trees: Callable[[], dict[str, Any]], meta: dict[str, Any]
     ) -> None:

@@ -199,7 +199,10 @@ def fit(
         (``.lock``) from start to end, and checks it is writable before
         training. Every array and the metadata are checksummed; a checkpoint
         that fails the check is skipped with a ``CheckpointWarning``, never
-        loaded and never deleted.
+        loaded and never deleted. Each checkpoint is hashed and written on a
+        host thread while the next chunk computes (at most one in flight;
+        ``fit`` returns once the last has landed); ``scanfit.load`` reads
+        the newest back.
       checkpoint_every: save when at least this many updates have passed
         since the last save; ``None``: after every chunk.
       keep: how many of this run's newest checkpoints to keep. Other files
@@ -274,7 +277,8 @@ def fit(
       scanfit.CheckpointWriteError: ``checkpoint_dir`` is not writable (before
         training), or saving failed (disk full, read-only...): the message
         names the path and the reason, the checkpoints saved before are
-        intact, and the trained state is attached as ``.state``.
+        intact, and the trained state is attached as ``.state`` (raised at
+        the chunk boundary after the failed save, or at the end).
       ValueError, TypeError: bad arguments, as for ``scan_train`` (which
         also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
         with a ``nan_policy`` other than ``"skip"``; ``resume`` or
