@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import scanfit
-from scanfit import _checkpoint
+from scanfit import _checkpoint, _checkpointer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _fault_worker  # noqa: E402
@@ -166,3 +166,17 @@ def test_sigkill_during_saves_many_trials(tmp_path, uninterrupted, seed):
         )
     else:  # from outside, at a random moment
         _kill_and_resume(tmp_path, uninterrupted, skip=skip, delay=rng.random() * 0.4)
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_what_the_save_thread_reads_survives_the_carry_being_donated(monkeypatch, on_cpu):
+    # On an accelerator the fetcher copies the carry on the device before the next chunk
+    # donates it; forced here on CPU devices, where donation really deletes the buffers.
+    monkeypatch.setattr(_checkpointer, "_on_cpu", lambda leaves: on_cpu)
+    want = {"w": np.arange(6.0, dtype=np.float32), "n": np.int32(3)}
+    carry = jax.device_put(want)
+    fetch = _checkpointer._fetcher({"params": carry, "losses": np.ones(2)}, donated=True)
+    jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(carry)
+    got = fetch()
+    jax.tree.map(np.testing.assert_array_equal, got["params"], want)
+    np.testing.assert_array_equal(got["losses"], np.ones(2))

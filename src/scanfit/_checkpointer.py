@@ -96,7 +96,7 @@ class Checkpointer:
         if _int(state.step) > self.last_saved:
             self.save(state, history)
         self._or_fail(state, history, self.dir.wait)
-        self._landed, self._flying = self._flying or self._landed, None
+        self._land()
 
     def save(self, state: TrainState, history) -> None:
         """Starts saving ``state`` on a host thread (``_checkpoint_dir``), after the save
@@ -128,7 +128,12 @@ class Checkpointer:
         }
         fetch = _fetcher(trees, donated=self.donated)
         self._or_fail(state, history, lambda: self.dir.start_save(step, fetch, meta))
-        self._landed, self._flying = self._flying or self._landed, step  # the one before landed
+        self._land()  # start_save waited for the save before this one
+        self._flying = step
+
+    def _land(self) -> None:
+        if self._flying is not None:
+            self._landed, self._flying = self._flying, None
 
     def _or_fail(self, state: TrainState, history, action) -> None:
         """Runs ``action``; a failed save (this one or the one in flight) is raised with
@@ -146,7 +151,11 @@ class Checkpointer:
             ) from err
 
 
-_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+_copy = jax.jit(lambda leaves: [jnp.copy(x) for x in leaves])
+
+
+def _on_cpu(leaves: list) -> bool:
+    return all(d.platform == "cpu" for x in leaves for d in x.devices())
 
 
 def _fetcher(trees: PyTree, *, donated: bool):
@@ -155,15 +164,18 @@ def _fetcher(trees: PyTree, *, donated: bool):
     The carry's buffers are donated to the next chunk (``donated``): the thread
     must not read them after that. On a CPU, NumPy views of them are free and XLA
     does not donate a buffer a view holds, so the views are taken here. On an
-    accelerator, a device copy is dispatched here (it runs before the next chunk,
-    and the host does not wait for it); the thread fetches it.
+    accelerator, a device copy is dispatched here (one call; it runs before the
+    next chunk, and the host does not wait for it); the thread fetches the copy.
     """
-    leaves = [x for x in jax.tree.leaves(trees) if isinstance(x, jax.Array)]
-    if all(d.platform == "cpu" for x in leaves for d in x.devices()):
+    leaves, treedef = jax.tree.flatten(trees)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    if _on_cpu([leaves[i] for i in where]):
         host = _host(trees)
         return lambda: host
-    if donated:
-        trees = _copy(trees)
+    if donated and where:
+        for i, copy in zip(where, _copy([leaves[i] for i in where]), strict=True):
+            leaves[i] = copy
+        trees = jax.tree.unflatten(treedef, leaves)
     return lambda: _host(trees)
 
 
