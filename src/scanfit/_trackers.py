@@ -8,6 +8,7 @@ No step reaches a tracker twice, resumed runs included: with a
 has landed (a run resumed from that checkpoint never makes it again), and
 ``log_dir/trackers.json`` notes, per tracker, the run it logs into and the last
 step sent; a resumed run first sends what the metrics log holds past that step.
+(A kill between a tracker's ``log`` and that note, microseconds, is not covered.)
 Host code: files and the trackers' own clients.
 """
 
@@ -121,11 +122,15 @@ class Trackers:
         self.dir, self.final = Path(log_dir), final
         saved = self._read_state() if start > 0 else {}
         self.sinks: list[list] = []  # [key, tracker, last step sent]
-        for i, item in enumerate(loggers):
-            key = item if isinstance(item, str) else f"{i}:{type(item).__name__}"
-            mine = saved.get(key, {})
-            tracker = _open(item, self.dir, mine.get("run")) if isinstance(item, str) else item
-            self.sinks.append([key, tracker, mine.get("sent", -1)])
+        try:
+            for i, item in enumerate(loggers):
+                key = item if isinstance(item, str) else f"{i}:{type(item).__name__}"
+                mine = saved.get(key, {})
+                tracker = _open(item, self.dir, mine.get("run")) if isinstance(item, str) else item
+                self.sinks.append([key, tracker, mine.get("sent", -1)])
+        except BaseException:
+            self._close()
+            raise
         # What the interrupted run logged past each tracker's last step, up to the start.
         logged = [r for r in _logged(self.dir) if r["step"] <= start]
         self.pending = sorted(logged, key=lambda r: r["step"])
@@ -138,8 +143,11 @@ class Trackers:
         try:
             self._flush(self.final())
         finally:
-            for _, tracker, _ in self.sinks:
-                tracker.close()
+            self._close()
+
+    def _close(self) -> None:
+        for _, tracker, _ in self.sinks:
+            tracker.close()
 
     def on_chunk(self, info, state, history) -> None:
         self.pending.extend(chunk_records(info))
