@@ -374,3 +374,40 @@ def test_numpy_integers_and_nan_evaluations_in_the_step_form():
     with pytest.warns(RuntimeWarning, match="eval metric 'v' is nan at the evaluation after"):
         scanfit.fit_steps(walk, jnp.float32(0), steps=6, eval_every=np.int64(2),
                           eval_fn=lambda s, _: {"v": s * jnp.nan})  # fmt: skip
+
+
+def test_fit_steps_loggers_get_the_metrics_log_records(tmp_path):
+    class Tracker:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append((step, metrics))
+
+        def close(self):
+            self.rows.append("closed")
+
+    def walk(state, batch, rng):
+        return state + jax.random.normal(rng), {"position": state}
+
+    tracker = Tracker()
+    scanfit.fit_steps(walk, jnp.float32(0), steps=8, rng=jax.random.key(0), chunk_steps=4,
+                      log_dir=tmp_path, loggers=[tracker])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in tracker.rows[:-1]] == [r["step"] for r in records] == [4, 8]
+    assert tracker.rows[-1] == "closed"
+    for (_, sent), record in zip(tracker.rows, records):
+        assert sent == {"chunk/position": pytest.approx(record["position"])}
+
+
+def test_load_reads_a_fit_steps_checkpoint(tmp_path):
+    state, opt_g, opt_d = _gan_like_state(np.random.randint(1 << 30))
+    data = np.random.default_rng(2).normal(2.0, 0.5, (8, 16)).astype(np.float32)
+    res = scanfit.fit_steps(_gan_step(opt_g, opt_d), state, data, chunk_steps=4,
+                            checkpoint_dir=tmp_path)  # fmt: skip
+    loaded = scanfit.load(tmp_path, like=state)
+    assert loaded.step == 8
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(res.state)):
+        if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

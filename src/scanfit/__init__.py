@@ -11,6 +11,8 @@ from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
 from scanfit._fit_steps import fit_steps as fit_steps
 from scanfit._linear import scan_training_step as scan_training_step
+from scanfit._load import Checkpoint as Checkpoint
+from scanfit._load import load as load
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
 from scanfit._steps import StepsResult as StepsResult
@@ -26,6 +28,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointWarning",
     "CheckpointWriteError",
+    "Checkpoint",
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
@@ -35,6 +38,7 @@ __all__ = [
     "fit",
     "fit_steps",
     "grid",
+    "load",
     "rank",
     "scan_steps",
     "scan_train",

@@ -8,8 +8,9 @@ of them: ``np.load`` reads a member only as far as its header says and never
 reaches the zip CRC, so a flipped header byte would otherwise load a shifted
 array without a word.
 
-A file is written to a temporary name in the same directory, flushed, fsynced
-and renamed over, so a kill at any moment leaves either the old set or the new
+Each array is hashed as it is written (one pass over its bytes). A file is
+written to a temporary name in the same directory, flushed, fsynced and
+renamed over, so a kill at any moment leaves either the old set or the new
 one, never a torn file under a checkpoint's name. Files are read with
 ``allow_pickle=False``.
 """
@@ -83,16 +84,15 @@ def write(directory: Path, step: int, trees: dict[str, Any], meta: dict[str, Any
 def write_arrays(
     directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 ) -> Path:
-    """``write`` for arrays already flat, keyed as they are stored."""
-    arrays = dict(arrays)
-    sums = {k: [a.dtype.name, list(a.shape), _checksum(a)] for k, a in arrays.items()}
-    text = json.dumps({**meta, "step": step, "arrays": sums})
-    arrays[_META] = np.asarray(text)
-    arrays[_META_SHA] = np.asarray(hashlib.sha256(text.encode()).hexdigest())
+    """``write`` for arrays already flat, keyed as they are stored.
+
+    Thread-safe (it touches only its own temporary file): ``_checkpoint_dir`` calls
+    it on a host thread while the next chunk computes.
+    """
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            _write_zip(f, arrays, {**meta, "step": step})
             f.flush()
             os.fsync(f.fileno())
         final = path_for(directory, step)
@@ -102,6 +102,38 @@ def write_arrays(
         raise
     fsync_dir(directory)
     return final
+
+
+# Hashed and written a block at a time: the block is still in cache when it is written.
+_BLOCK = 2**20
+
+
+def _write_zip(f, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """The ``.npz`` (a zip of ``.npy`` members, as ``np.savez`` writes it) in one pass over
+    each array's bytes: each block is hashed, then written. The metadata, which holds
+    the checksums, is the last member; readers find members by name."""
+    sums = {}
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, a in arrays.items():
+            a = np.asarray(a, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+            sums[key] = [a.dtype.name, list(a.shape), _write_member(zf, key, a)]
+        text = json.dumps({**meta, "arrays": sums})
+        for key, value in ((_META, text), (_META_SHA, hashlib.sha256(text.encode()).hexdigest())):
+            with zf.open(key + ".npy", "w") as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+
+def _write_member(zf: zipfile.ZipFile, key: str, a: np.ndarray) -> str:
+    """Writes ``a`` (C-contiguous) as the member ``key.npy``; returns its ``_checksum``."""
+    h = hashlib.sha256(f"{a.dtype.name}{list(a.shape)}".encode())
+    raw = a.reshape(-1).view(np.uint8)
+    with zf.open(key + ".npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(a))
+        for start in range(0, raw.size, _BLOCK):
+            block = raw[start : start + _BLOCK]
+            h.update(block)
+            member.write(block)
+    return h.hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:

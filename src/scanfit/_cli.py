@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checks, _compile_cache, _data, _models
+from scanfit import _checks, _compile_cache, _data, _models, _trackers
 from scanfit._errors import (
     CheckpointLockedError,
     CheckpointMismatchError,
@@ -304,6 +304,14 @@ def _output_flags(out) -> None:
         default=None,
         help="write metrics.jsonl (and TensorBoard events if tensorboardX is installed) here",
     )
+    out.add_argument(
+        "--logger",
+        action="append",
+        choices=_trackers.NAMES,
+        default=None,
+        help="also send the metrics to this tracker (repeatable; needs --log-dir): mlflow "
+        "(file store in the log dir), wandb (offline), trackio (local)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
@@ -375,6 +383,13 @@ def _check_paths(args) -> None:
     for flag, path in (("--log-dir", args.log_dir), ("--compile-cache", args.compile_cache)):
         if path is not None and path.exists() and not path.is_dir():
             raise _UsageError(f"{flag} {path}: exists and is not a directory")
+    if args.logger:
+        if args.log_dir is None:
+            raise _UsageError("--logger needs --log-dir (the trackers mirror its metrics.jsonl)")
+        try:
+            _trackers.check(args.logger, args.log_dir)
+        except ImportError as err:
+            raise _UsageError(f"--logger: {err}") from None
     _check_eval_flags(args)
     if args.devices is not None and args.devices > jax.local_device_count():
         raise _UsageError(
@@ -701,6 +716,7 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
             **evaluation,
             # Passed only when given, so that runs without it need no fit(log_dir=).
             **({"log_dir": args.log_dir} if args.log_dir is not None else {}),
+            **({"loggers": args.logger} if args.logger else {}),
         )
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)

@@ -35,6 +35,7 @@ from scanfit import (
     _parallel,
     _preempt,
     _sources,
+    _trackers,
 )
 from scanfit._driver import ChunkInfo, History
 from scanfit._errors import DataExhaustedError, DivergenceError
@@ -159,6 +160,7 @@ def fit(
     steps_per_epoch: int | None = None,
     restore_best: bool = False,
     compile_cache: str | os.PathLike | None = None,
+    loggers: Any = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -216,7 +218,10 @@ def fit(
         (``.lock``) from start to end, and checks it is writable before
         training. Every array and the metadata are checksummed; a checkpoint
         that fails the check is skipped with a ``CheckpointWarning``, never
-        loaded and never deleted.
+        loaded and never deleted. Each checkpoint is hashed and written on a
+        host thread while the next chunk computes (at most one in flight;
+        ``fit`` returns once the last has landed); ``scanfit.load`` reads
+        the newest back.
       checkpoint_every: save when at least this many updates have passed
         since the last save; ``None``: after every chunk.
       keep: how many of this run's newest checkpoints to keep. Other files
@@ -263,6 +268,15 @@ def fit(
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
         takes ``accumulate`` microbatches); required when ``len(data)`` is
         unknown, else ``len(data) // accumulate``.
+      loggers: trackers that get the records of ``log_dir``'s metrics log (required
+        with them): ``"mlflow"`` (an MLflow run in the file store
+        ``log_dir/mlruns``), ``"wandb"`` (an offline W&B run under ``log_dir``),
+        ``"trackio"`` (a run in trackio's local store), or objects with
+        ``log(metrics: dict, step: int)`` and ``close()``; one or a list. Each
+        gets ``{"<kind>/<name>": value}`` (``chunk/loss``, ``eval/val_loss``) per
+        record. With ``checkpoint_dir`` a record is sent once a checkpoint at or
+        past its step has landed, so a resumed run never sends a step twice.
+        The packages are in the ``trackers`` extra.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -312,7 +326,8 @@ def fit(
       scanfit.CheckpointWriteError: ``checkpoint_dir`` is not writable (before
         training), or saving failed (disk full, read-only...): the message
         names the path and the reason, the checkpoints saved before are
-        intact, and the trained state is attached as ``.state``.
+        intact, and the trained state is attached as ``.state`` (raised at
+        the chunk boundary after the failed save, or at the end).
       ValueError, TypeError: bad arguments, as for ``scan_train`` (which
         also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
         with a ``nan_policy`` other than ``"skip"``; ``resume`` or
@@ -346,6 +361,7 @@ def fit(
         keep=keep, nan_policy=nan_policy, skip_nonfinite=skip_nonfinite, on_chunk=on_chunk,
         progress=progress, resume=resume, log_dir=log_dir,
     )  # fmt: skip
+    loggers = _trackers.check(loggers, log_dir)
     mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     total = epochs * (n // accumulate)
@@ -369,7 +385,7 @@ def fit(
     state, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume, compile_cache=cache_dir,
+        resume=resume, compile_cache=cache_dir, loggers=loggers,
     )  # fmt: skip
     _warn_if_all_skipped(policy, total, state)
     result = history.result(state)
@@ -405,7 +421,7 @@ class Run(NamedTuple):
 
 def execute(
     run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir, checkpoint_every,
-    keep, resume, compile_cache,
+    keep, resume, compile_cache, loggers=None,
 ) -> tuple[TrainState, History]:  # fmt: skip
     """Runs ``run`` in compiled chunks with the observers; returns the last carry and the
     history. Shared by ``fit`` and ``fit_steps``: one driver for every form."""
@@ -432,6 +448,7 @@ def execute(
             saver = stack.enter_context(_checkpointer.Checkpointer(
                 _checkpoint_dir.check_path(checkpoint_dir), keep=keep, every=checkpoint_every,
                 per_epoch=per_epoch, source=source, finish=run.finish,
+                donated=run.policy != "raise",
             ))  # fmt: skip
             fingerprint = functools.partial(
                 _checkpointer.fingerprint_of, run.step, state, run.checked, run.stream,
@@ -447,6 +464,8 @@ def execute(
             run=saver.fingerprint if saver else None, loss=run.has_loss,
         )  # fmt: skip
         observers += [saver] if saver else []
+        start = int(_driver._host(state.step))
+        observers += _trackers.enter(stack, loggers, log_dir, start, saver, loss=run.has_loss)
         # Last: it raises Preempted after every other observer has seen the chunk.
         observers.append(stack.enter_context(_preempt.Preemption(checkpoint_dir)))
         try:

@@ -15,7 +15,15 @@ from typing import Any
 
 import jax
 
-from scanfit import _checkpointer, _checks, _compile_cache, _nonfinite, _sources, _steps
+from scanfit import (
+    _checkpointer,
+    _checks,
+    _compile_cache,
+    _nonfinite,
+    _sources,
+    _steps,
+    _trackers,
+)
 from scanfit._driver import ChunkInfo
 from scanfit._fit import Run, check_fit_settings, execute, initial_state, on_mesh
 from scanfit._loop import TrainResult
@@ -89,6 +97,7 @@ def fit_steps(
     devices: Any = None,
     steps_per_epoch: int | None = None,
     compile_cache: str | os.PathLike | None = None,
+    loggers: Any = None,
 ) -> StepsResult:
     """Runs ``scan_steps``' loop in compiled chunks, with checkpoints and resume.
 
@@ -101,7 +110,7 @@ def fit_steps(
         ``data`` may also be NumPy arrays and memmaps (streamed a chunk at a
         time) or an iterable of microbatches, as for ``fit``.
       chunk_steps, progress, log_dir, checkpoint_dir, checkpoint_every, keep,
-        resume, mesh, devices, steps_per_epoch, compile_cache: as for ``fit``
+        resume, mesh, devices, steps_per_epoch, compile_cache, loggers: as for ``fit``
         (SIGTERM too: the chunk in flight completes and is checkpointed, then
         ``scanfit.Preempted``). Checkpoints
         hold the whole state (typed and raw PRNG keys, environment states,
@@ -158,6 +167,7 @@ def fit_steps(
             "nan_policy='skip' is for fit's loss + optax step; in fit_steps a step decides "
             "what skipping means (e.g. optax.apply_if_finite). Pass 'raise' or 'ignore'."
         )
+    loggers = _trackers.check(loggers, log_dir)
     mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     evaluation = _steps.eval_spec(
         eval_fn, eval_data, state, eval_every=eval_every, best=best, patience=patience,
@@ -177,7 +187,7 @@ def fit_steps(
     carry, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume, compile_cache=cache_dir,
+        resume=resume, compile_cache=cache_dir, loggers=loggers,
     )  # fmt: skip
     result = run.finish(history.result(carry))
     _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)

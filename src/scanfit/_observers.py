@@ -95,20 +95,27 @@ class MetricsLogger:
         self.log.close()
 
     def on_chunk(self, info, state, history) -> None:
-        scalars = {}
-        if self.loss:
-            scalars["loss"] = float(np.nanmean(info.losses)) if len(info.losses) else np.nan
-        for path, leaf in jax.tree_util.tree_leaves_with_path(info.aux):
-            scalars[_name(path) or "aux"] = float(np.mean(leaf))
-        rate = _metrics_log.learning_rate(info.opt_state)
-        if rate is not None:
-            scalars["learning_rate"] = rate
-        self.log.write(info.step, "chunk", scalars)
-        metrics = info.metrics or {}
-        for i, step in enumerate(np.asarray(metrics.get("step", []))):
-            if step >= 0:  # -1: skipped after an early stop
-                values = {k: v[i] for k, v in metrics.items() if k != "step"}
-                self.log.write(int(step), "eval", values)
+        write_records(self.log.write, info, loss=self.loss)
 
     def on_end(self, state, history) -> None:
         pass
+
+
+def write_records(write: Callable[[int, str, dict[str, Any]], Any], info, loss=True) -> None:
+    """Calls ``write(step, kind, scalars)`` for each metrics-log record of a chunk: one
+    "chunk" record, then one "eval" record per evaluation (the trackers get the same).
+    ``loss``: whether the run has a loss (a ``fit_steps`` step may report none)."""
+    scalars = {}
+    if loss:
+        scalars["loss"] = float(np.nanmean(info.losses)) if len(info.losses) else np.nan
+    for path, leaf in jax.tree_util.tree_leaves_with_path(info.aux):
+        scalars[_name(path) or "aux"] = float(np.mean(leaf))
+    rate = _metrics_log.learning_rate(info.opt_state)
+    if rate is not None:
+        scalars["learning_rate"] = rate
+    write(info.step, "chunk", scalars)
+    metrics = info.metrics or {}
+    for i, step in enumerate(np.asarray(metrics.get("step", []))):
+        if step >= 0:  # -1: skipped after an early stop
+            values = {k: v[i] for k, v in metrics.items() if k != "step"}
+            write(int(step), "eval", values)
