@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
+from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel, _sharding
 from scanfit._driver import _chunk, _int
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
 from scanfit._loop import PyTree, TrainState
@@ -53,11 +53,11 @@ class Checkpointer:
     def open(self, fingerprint_of, state, history, *, resume: bool, total, epochs, mesh):
         """``(state, history)`` to start from: the newest checkpoint of this run, or as given.
 
-        ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
+        ``fingerprint_of(state=state)`` computes this run's fingerprint (inside, so that any error
         releases the lock). ``resume=False`` moves the checkpoints there aside.
         """
         with self.dir.closing_on_error():
-            self.fingerprint = fingerprint_of()
+            self.fingerprint = fingerprint_of(state=state)
             self.dir.differences = functools.partial(_differences, current=self.fingerprint)
             restored = None
             if resume:
@@ -127,24 +127,21 @@ def _version() -> str:
 
 
 def fingerprint_of(
-    loss_fn, optimizer, state, data, stream, *, extended, **entries
+    loss_fn, optimizer, data, stream, *, state, extended, **entries
 ) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
     run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
     them). An iterable's contents are hashed as they stream (``_sources.StreamSource``):
-    here only its structure, shapes and length."""
+    here only its structure, shapes and length. The initial state is digested where its
+    shards lie (``_sharding.digest``): nothing gathered, nothing kept."""
     program = _update_program(
         loss_fn, optimizer, state, data, entries["rng"],
         accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
     )  # fmt: skip
     fingerprint = _fingerprint.fingerprint(
-        program=program,
-        params=_host(state.params),
-        opt_state=_host(state.opt_state),
-        model_state=_host(_keys_as_data(state.model_state)),
-        data=data if stream is None else {},
-        **entries,
+        program=program, data=data if stream is None else {}, **entries
     )
+    fingerprint.update(_state_digests(state))
     if stream is not None:
         fingerprint["data"] = stream.fingerprint()
     elif jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
@@ -154,6 +151,15 @@ def fingerprint_of(
         every = np.asarray(multihost_utils.process_allgather(mine))
         fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
     return fingerprint
+
+
+def _state_digests(state: TrainState) -> dict[str, Any]:
+    """Fingerprint entries of the initial params, optimizer state and model state."""
+    return {
+        "params": _sharding.digest(state.params),
+        "opt_state": _sharding.digest(state.opt_state),
+        "model_state": _sharding.digest(_keys_as_data(state.model_state)),
+    }
 
 
 def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
@@ -262,7 +268,7 @@ def _unpack(step, arrays, state, history, mesh):
 
     def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
         saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
-        return _keys_from_data(like, jax.tree.map(jnp.asarray, saved))
+        return _keys_from_data(like, _sharding.restore_like(like, saved))
 
     restored = TrainState(
         as_device(state.params, "params"),
@@ -273,8 +279,8 @@ def _unpack(step, arrays, state, history, mesh):
         jnp.asarray(first_bad, jnp.int32),
         as_device(state.evaluation, "evaluation"),
     )
-    if mesh is not None:
-        restored = _parallel.put_replicated(restored, mesh)
+    if mesh is not None:  # the arrays are in the run's shardings; the counters replicated
+        restored = _parallel.put_on_mesh(restored, mesh)
     return restored, history.like(losses, aux, metrics)
 
 

@@ -31,6 +31,7 @@ from scanfit import (
     _eval,
     _observers,
     _parallel,
+    _sharding,
     _sources,
 )
 from scanfit._driver import ChunkInfo, History
@@ -41,13 +42,18 @@ NAN_POLICIES = ("raise", "skip", "ignore")
 __all__ = ["ChunkInfo", "fit"]
 
 
-@functools.partial(jax.jit, static_argnames="optimizer")
-def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer) -> TrainState:
+@functools.partial(jax.jit, static_argnames=("optimizer", "shardings"))
+def _fresh_state(
+    params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer, shardings=None
+) -> TrainState:
     """The initial carry in new device buffers (donating it must never delete the caller's
     arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
-    dispatch per leaf."""
+    dispatch per leaf. ``shardings``: the ``_sharding.Shardings`` of sharded (params,
+    opt_state, model_state), where the optimizer and model state are created in shards."""
     if opt_state is None:
         opt_state = optimizer.init(params)
+    if shardings is not None:
+        params, opt_state, model_state = shardings.constrain((params, opt_state, model_state))
     return jax.tree.map(jnp.copy, init_state(params, opt_state, model_state))
 
 
@@ -152,6 +158,7 @@ def fit(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    param_sharding: Any = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -241,6 +248,16 @@ def fit(
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
         takes ``accumulate`` microbatches); required when ``len(data)`` is
         unknown, else ``len(data) // accumulate``.
+      param_sharding: how params (and with them the optimizer state) are
+        sharded over the mesh (FSDP): ``None`` (as given: params placed on the
+        mesh as ``NamedSharding`` stay so, as do NNX params made under
+        ``nnx.with_partitioning``; others are replicated), ``"fsdp"`` (each
+        leaf split along its largest dimension that the mesh's ``"fsdp"``
+        axis, or ``"data"`` where it has none, divides; leaves under 1024
+        elements replicated), a pytree of ``PartitionSpec`` matching params,
+        or a function ``(path, leaf) -> PartitionSpec``. Needs ``mesh=`` or
+        ``devices=`` (or params already on a mesh). The batch is sharded over
+        the mesh's ``"data"`` and ``"fsdp"`` axes.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -305,7 +322,9 @@ def fit(
         data, stream, key=key, n=n, accumulate=accumulate, mesh=mesh,
         track=checkpoint_dir is not None,
     )  # fmt: skip
-    state = _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
+    state = _initial_state(
+        params, opt_state, model_state, optimizer, evaluation, eval_data, mesh, param_sharding
+    )
     history = _history(
         loss_spec, aux_spec, evaluation, (params, model_state, eval_data), log_every, total
     )
@@ -323,7 +342,7 @@ def fit(
                 per_epoch=per_epoch, source=source, finish=model.finish,
             ))  # fmt: skip
             fingerprint = functools.partial(
-                _checkpointer.fingerprint_of, loss_fn, optimizer, state, checked, stream,
+                _checkpointer.fingerprint_of, loss_fn, optimizer, checked, stream,
                 extended=model.extended, key=key, rng=rng, accumulate=accumulate,
                 has_aux=has_aux, nan_policy=policy, log_every=log_every,
                 **_checkpointer.eval_entries(evaluation, params, model_state, eval_data),
@@ -365,12 +384,21 @@ def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
     return observers
 
 
-def _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
-    """The first carry: fresh buffers, the evaluation bookkeeping, replicated over a mesh."""
-    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
+def _initial_state(
+    params, opt_state, model_state, optimizer, evaluation, eval_data, mesh, param_sharding=None
+):
+    """The first carry: fresh buffers, the evaluation bookkeeping, on the mesh: sharded
+    params (as given or by ``param_sharding``) with their optimizer state in the same
+    shards, everything else replicated."""
+    params, shardings = _sharding.carry(
+        params, opt_state, model_state, optimizer=optimizer, mesh=mesh,
+        param_sharding=param_sharding,
+    )  # fmt: skip
+    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer, shardings=shardings)
     if evaluation is not None:
-        state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
-    return state if mesh is None else _parallel.put_replicated(state, mesh)
+        evaluation = _eval_init(evaluation, state.params, state.model_state, eval_data)
+        state = state._replace(evaluation=evaluation)
+    return state if mesh is None else _parallel.put_on_mesh(state, mesh)
 
 
 def _history(loss_spec, aux_spec, evaluation, example, log_every, total) -> History:
