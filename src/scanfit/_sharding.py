@@ -275,8 +275,9 @@ def carry(params: PyTree, opt_state: PyTree, model_state: PyTree, *, optimizer, 
     if on is None:
         if param_sharding is not None:
             raise ValueError(
-                f"param_sharding={describe(param_sharding)} needs a mesh to shard over: pass "
-                "mesh= (a jax.sharding.Mesh with a 'data' and/or 'fsdp' axis) or devices=."
+                f"param_sharding needs a mesh to shard over, got {describe(param_sharding)} "
+                "without one: pass mesh= (a jax.sharding.Mesh with a 'data' and/or 'fsdp' "
+                "axis) or devices=."
             )
         return params, None
     shardings = param_shardings(param_sharding, params, on)
