@@ -9,7 +9,19 @@ import time
 from pathlib import Path
 
 # Modules in benchmarks/ that define main(argv) -> exit code. Append new suites here.
-SUITES = ["seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv", "eval"]
+SUITES = [
+    "seed",
+    "lowering",
+    "loop",
+    "fit",
+    "sources",
+    "sweep",
+    "models",
+    "peers",
+    "conv",
+    "eval",
+    "sharding",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

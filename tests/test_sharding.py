@@ -310,3 +310,16 @@ def test_a_mesh_with_fsdp_only_shards_batch_and_params_over_it():
     _, odd = problem(batch=6)
     with pytest.raises(ValueError, match=r"must divide by the 4 devices of the 'fsdp' axis"):
         _fit(params, odd, mesh=mesh)
+
+
+def test_fsdp_example_splits_the_state_and_learns():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fsdp.py"
+    spec = importlib.util.spec_from_file_location("scanfit_examples_fsdp", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(quick=True)  # on this process's 4 devices (8 when run as a script)
+    assert out["max_bytes_per_device"] <= 1.1 / out["devices"] * out["state_bytes"]
+    assert out["final_loss"] < 0.5 * out["first_loss"]
