@@ -323,3 +323,56 @@ def test_fsdp_example_splits_the_state_and_learns():
     out = example.main(quick=True)  # on this process's 4 devices (8 when run as a script)
     assert out["max_bytes_per_device"] <= 1.1 / out["devices"] * out["state_bytes"]
     assert out["final_loss"] < 0.5 * out["first_loss"]
+
+
+def _two_processes(out, stop_at: int) -> None:
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "_shard_worker.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(pid), str(port), str(out), str(stop_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for pid in (0, 1)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_sharded_stop_and_resume_bitwise(tmp_path):
+    """Each process writes only its shards; the resumed run equals the uninterrupted one."""
+    _two_processes(tmp_path / "full", 0)
+    _two_processes(tmp_path / "part", 8)
+    ckpt = tmp_path / "part" / "ckpt"
+    assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [4, 8]
+    for process in (0, 1):
+        _, shards = _checkpoint.read(_checkpoint.shards_path(ckpt, 8, process))
+        rows = [k for k in shards if k.startswith("params[1]['w']@")]
+        assert len(rows) == 2  # its 2 devices' quarters of the (128, 64) weight, no more
+    _, main = _checkpoint.read(_checkpoint.path_for(ckpt, 8))
+    assert "params[1]['w']" not in main and "params[1]['b']" in main  # small leaves whole
+    _two_processes(tmp_path / "part", 0)
+    with np.load(tmp_path / "full" / "result.npz") as full:
+        with np.load(tmp_path / "part" / "result.npz") as resumed:
+            assert sorted(full) == sorted(resumed)
+            for name in full:
+                np.testing.assert_array_equal(resumed[name], full[name])

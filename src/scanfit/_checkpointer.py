@@ -83,6 +83,7 @@ class Checkpointer:
     def save(self, state: TrainState, history) -> None:
         step = _int(state.step)
         self.last_saved = step
+        self._save_local_shards(step, state, history)
         if not self.dir.writer:
             return
         losses, aux, metrics = history.raw(step)
@@ -118,6 +119,36 @@ class Checkpointer:
                 path=err.filename,
                 state=self.finish(history.result(state)),
             ) from err
+
+    def _save_local_shards(self, step: int, state: TrainState, history) -> None:
+        """Every process writes its shards of the arrays split over several processes;
+        all wait for all before process 0 writes the checkpoint that names them."""
+        try:
+            spans = _checkpoint.write_local_shards(self.path, step, _state_trees(state))
+        except OSError as err:
+            self.failed = True
+            raise CheckpointWriteError(
+                f"cannot save this process's shards of checkpoint {step} in "
+                f"{str(self.path)!r}: {err.strerror or err}. The checkpoints saved before are "
+                "intact; the trained state is attached as .state.",
+                errno=err.errno,
+                path=str(self.path),
+                state=self.finish(history.result(state)),
+            ) from err
+        if spans:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"scanfit checkpoint {step}")
+
+
+def _state_trees(state: TrainState) -> dict[str, Any]:
+    """The trees of the state that a checkpoint holds, by name (keys as their data)."""
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "model_state": _keys_as_data(state.model_state),
+        "evaluation": _keys_as_data(state.evaluation),
+    }
 
 
 def _version() -> str:
@@ -234,7 +265,8 @@ def _restore(checkpoints, state, history, total, epochs, mesh, source):
                 f"past the {total} updates of this run (epochs={epochs})."
             )
         try:
-            restored = _unpack(found.step, found.arrays, state, history, mesh)
+            shards = _checkpoint.read_local_shards(found.path, found.step)
+            restored = _unpack(found.step, {**found.arrays, **shards}, state, history, mesh)
         except _checkpoint.Unusable as err:
             checkpoints.reject(found.path, str(err))
             continue
@@ -267,7 +299,7 @@ def _unpack(step, arrays, state, history, mesh):
         metrics = _checkpoint.unflatten("metrics", empty_metrics, arrays, rows=evaluations)
 
     def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
-        saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
+        saved = _checkpoint.unflatten_sharded(prefix, _keys_as_data(like), arrays)
         return _keys_from_data(like, _sharding.restore_like(like, saved))
 
     restored = TrainState(

@@ -315,6 +315,8 @@ def restore_like(like: PyTree, saved: PyTree) -> PyTree:
     else as ``jnp.asarray`` places it."""
 
     def put(old, x):
+        if isinstance(x, jax.Array):  # assembled from this process's shards already
+            return x
         sharding = getattr(old, "sharding", None) if isinstance(old, jax.Array) else None
         return from_host(x, sharding) if isinstance(sharding, NamedSharding) else jnp.asarray(x)
 
