@@ -56,13 +56,9 @@ def workload(width: int, updates: int):
 
 
 def per_device(tree) -> int:
-    import jax
+    from scanfit import _sharding
 
-    held: dict = {}
-    for a in jax.tree.leaves(tree):
-        for shard in a.addressable_shards:
-            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
-    return max(held.values())
+    return max(_sharding.per_device_bytes(tree).values())
 
 
 def train(cfg: dict) -> tuple[dict, dict, object]:

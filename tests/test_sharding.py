@@ -326,14 +326,13 @@ def test_fsdp_example_splits_the_state_and_learns():
 
 
 def _two_processes(out, stop_at: int) -> None:
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_parallel import _free_port
+
+    port = _free_port()
     worker = Path(__file__).parent / "_shard_worker.py"
     procs = [
         subprocess.Popen(
@@ -376,3 +375,49 @@ def test_two_processes_sharded_stop_and_resume_bitwise(tmp_path):
             assert sorted(full) == sorted(resumed)
             for name in full:
                 np.testing.assert_array_equal(resumed[name], full[name])
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import numpy as np, optax
+sys.path.insert(0, {tests!r})
+import scanfit
+from test_sharding import loss, mesh_1d, problem
+out, kill_at = sys.argv[1], int(sys.argv[2])
+
+def on_chunk(info):  # runs before the checkpointer sees the chunk: the last save is older
+    if info.step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+params, data = problem()
+res = scanfit.fit(loss, params, optax.adam(1e-2), data, chunk_steps=4, progress=False,
+                  mesh=mesh_1d(), param_sharding="fsdp", checkpoint_dir=out + "/ckpt",
+                  on_chunk=on_chunk)
+assert not res.params[0]["w"].sharding.is_fully_replicated
+assert not res.opt_state[0].mu[0]["w"].sharding.is_fully_replicated
+np.savez(out + "/result.npz", losses=res.losses,
+         **{{f"p{{i}}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(res.params))}})
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_and_still_sharded(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _KILLED_RUN.format(tests=str(Path(__file__).parent))
+    run = [sys.executable, "-c", code, str(tmp_path)]
+    killed = subprocess.run([*run, "8"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")] == [4]
+    resumed = subprocess.run([*run, "0"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params, data = problem()
+    full = _fit(params, data, chunk_steps=4, mesh=mesh_1d(), param_sharding="fsdp")
+    with np.load(tmp_path / "result.npz") as got:
+        np.testing.assert_array_equal(got["losses"], full.losses)
+        for i, a in enumerate(jax.tree.leaves(full.params)):
+            np.testing.assert_array_equal(got[f"p{i}"], np.asarray(a))

@@ -238,11 +238,15 @@ def fit(
         end), so it is done only while they take at most 256 MiB; above,
         chunks run one after the other, holding two. ``"skip"`` and
         ``"ignore"`` donate the carry and hold one.
-      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
-        batch axis (axis 1) is sharded over it, params and optimizer state
-        replicated; XLA inserts the gradient all-reduce. Across hosts (after
-        ``jax.distributed.initialize()``), each process passes its own share
-        of every microbatch as ``data``; process 0 writes the checkpoints.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` and/or an ``"fsdp"``
+        axis: every data leaf's batch axis (axis 1) is sharded over them,
+        params and optimizer state replicated unless placed on the mesh or
+        sharded by ``param_sharding``; XLA inserts the gradient all-reduce (or
+        the all-gathers and reduce-scatters of sharded params). Across hosts
+        (after ``jax.distributed.initialize()``), each process passes its own
+        share of every microbatch as ``data``; process 0 writes the
+        checkpoints, and each process its own shards of arrays split over
+        several processes.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
@@ -352,9 +356,11 @@ def fit(
             )
         observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
                               on_chunk=on_chunk)  # fmt: skip
+        first = [state]  # handed over, not kept here: the first carry dies after chunk 1
+        del state
         try:
             state = _driver.drive(
-                program, source, state, history, [*observers, *([saver] if saver else [])],
+                program, source, first.pop(), history, [*observers, *([saver] if saver else [])],
                 per_epoch=per_epoch,
             )  # fmt: skip
         except (_driver.Diverged, _sources.DataExhausted) as err:
