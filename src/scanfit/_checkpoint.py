@@ -112,19 +112,14 @@ def unflatten_sharded(prefix: str, like: Any, arrays: dict[str, np.ndarray]) -> 
     Raises:
       Unusable: a shard is missing or of another shape or dtype.
     """
-    plain = jax.tree.map(lambda x: None if spans_processes(x) else x, like)
-    saved = unflatten(prefix, plain, arrays)
+    if not any(spans_processes(x) for x in jax.tree.leaves(like)):
+        return unflatten(prefix, like, arrays)
     leaves = []
-    for (path, want), got in zip(
-        jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(saved, is_leaf=_is_none)
-    ):
-        leaves.append(_from_shards(prefix + jax.tree_util.keystr(path), want, arrays)
-                      if spans_processes(want) else got)  # fmt: skip
+    for path, want in jax.tree_util.tree_leaves_with_path(like):
+        key = prefix + jax.tree_util.keystr(path)
+        leaves.append(_from_shards(key, want, arrays) if spans_processes(want)
+                      else unflatten(key, want, arrays))  # fmt: skip
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _from_shards(key: str, like: jax.Array, arrays: dict[str, np.ndarray]) -> jax.Array:
