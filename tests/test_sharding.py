@@ -421,3 +421,17 @@ def test_sigkill_then_resume_is_bitwise_and_still_sharded(tmp_path):
         np.testing.assert_array_equal(got["losses"], full.losses)
         for i, a in enumerate(jax.tree.leaves(full.params)):
             np.testing.assert_array_equal(got[f"p{i}"], np.asarray(a))
+
+
+def test_a_mesh_that_does_not_split_the_batch_over_the_processes_is_a_clear_error(monkeypatch):
+    from scanfit import _parallel
+
+    params, data = problem()
+    monkeypatch.setattr(_parallel, "_processes", lambda mesh: 2)  # as on 2 hosts
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    match = (
+        r"mesh has axes \{'data': 1\}: the 'data' axis split the batch into 1 part\(s\), but "
+        r"each of the 2 processes needs an equal share"
+    )
+    with pytest.raises(ValueError, match=match):
+        _fit(params, data, mesh=mesh)

@@ -66,8 +66,8 @@ def local_shards(mesh: Mesh) -> int:
     if parts % processes or len(mine) * processes != parts:
         raise ValueError(
             f"mesh has axes {dict(mesh.shape)}: {_axes_text(mesh)} split the batch into "
-            f"{parts} parts, which must fall {max(1, parts // processes)} to each of the "
-            f"{processes} processes (here {len(mine)}): make the product of the batch axes a "
+            f"{parts} part(s), but each of the {processes} processes needs an equal share of "
+            f"its own (this one holds {len(mine)}): make the product of the batch axes a "
             "multiple of the process count, with each process's devices together along them "
             "(jax.make_mesh does that)."
         )
