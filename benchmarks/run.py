@@ -22,6 +22,7 @@ SUITES = [
     "eval",
     "operations",
     "restart",
+    "sharding",
 ]
 
 

@@ -411,3 +411,35 @@ def test_load_reads_a_fit_steps_checkpoint(tmp_path):
         if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fit_steps_fsdp_shards_the_whole_state_and_equals_one_device(x64):
+    k1, k2 = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(k1, (6, 8, 64))
+    y = jnp.tanh(x @ jax.random.normal(k2, (64,)))
+    w = {"w1": 0.1 * jax.random.normal(k2, (64, 32)), "w2": jnp.zeros((32,))}
+    opt = optax.adam(0.01)
+
+    def step(state, batch):
+        params, opt_state = state
+        xb, yb = batch
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((jnp.tanh(xb @ p["w1"]) @ p["w2"]
+                                                          - yb) ** 2))(params)  # fmt: skip
+        updates, opt_state = opt.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    state = (w, opt.init(w))
+    one = scanfit.fit_steps(step, state, (x, y), epochs=2, chunk_steps=4)
+    per_device = []
+
+    def bytes_on_device0(info):
+        per_device.append(sum(s.data.nbytes for a in jax.tree.leaves(info.state)
+                              for s in a.addressable_shards if s.device == jax.devices()[0]))
+
+    sharded = scanfit.fit_steps(step, state, (x, y), epochs=2, chunk_steps=4, devices=4,
+                                param_sharding="fsdp", on_chunk=bytes_on_device0)  # fmt: skip
+    _close(sharded.state, one.state, rtol=1e-9)
+    total = sum(a.nbytes for a in jax.tree.leaves(state))
+    big = sum(a.nbytes for a in jax.tree.leaves(state) if a.size >= 1024)
+    assert per_device and max(per_device) <= (big / 4 + (total - big)) * 1.1
+    assert sharded.state[0]["w1"].sharding.spec != jax.sharding.PartitionSpec()

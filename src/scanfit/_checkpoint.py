@@ -44,8 +44,95 @@ class Unusable(ValueError):
 
 
 def _flatten(prefix: str, tree: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(to_host(tree))
-    return {f"{prefix}{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in leaves}
+    """The leaves by key; those split over other processes' devices are left out: each
+    process writes its own shards of them (``write_local_shards``)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    whole = [(p, x) for p, x in leaves if not spans_processes(x)]
+    return {f"{prefix}{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in to_host(whole)}
+
+
+def spans_processes(x: Any) -> bool:
+    """A sharded array whose shards lie on several processes' devices."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+
+
+def shards_path(directory: Path, step: int, process: int) -> Path:
+    """Process ``process``'s shards of checkpoint ``step`` (not listed as a checkpoint)."""
+    return directory / f"ckpt-{step:010d}.process-{process}.npz"
+
+
+def _shard_key(key: str, index: tuple) -> str:
+    return key + "@" + ",".join(f"{s.start}:{s.stop}" for s in index)
+
+
+def local_shards(trees: dict[str, Any]) -> dict[str, np.ndarray]:
+    """This process's shards of every leaf that spans processes, keyed by leaf and index
+    (one copy of each: replicas are left to the process that holds replica 0)."""
+    out = {}
+    for name, tree in trees.items():
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            if spans_processes(x):
+                key = name + jax.tree_util.keystr(path)
+                for shard in x.addressable_shards:
+                    if shard.replica_id == 0:
+                        out[_shard_key(key, shard.index)] = np.asarray(shard.data)
+    return out
+
+
+def write_local_shards(directory: Path, step: int, trees: dict[str, Any]) -> bool:
+    """Writes this process's shards (checksummed, atomically) if any leaf spans processes,
+    and removes its shard files of checkpoints that no longer exist. Returns whether any
+    leaf spans processes (then every process must pass a barrier before the main file)."""
+    if not any(spans_processes(x) for x in jax.tree.leaves(trees)):
+        return False
+    process = jax.process_index()
+    write_arrays(directory, step, local_shards(trees), {"process": process},
+                 final=shards_path(directory, step, process))  # fmt: skip
+    kept = {s for s, _ in list_checkpoints(directory)}
+    for old in directory.glob(f"ckpt-*.process-{process}.npz"):
+        saved = int(old.name[5:15])
+        if saved < step and saved not in kept:
+            old.unlink(missing_ok=True)
+    return True
+
+
+def read_local_shards(checkpoint: Path, step: int) -> dict[str, np.ndarray]:
+    """This process's shards of a checkpoint (verified), {} if it has none.
+
+    Raises:
+      Unusable: the file is damaged.
+    """
+    path = shards_path(checkpoint.parent, step, jax.process_index())
+    return read(path)[1] if path.exists() else {}
+
+
+def unflatten_sharded(prefix: str, like: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``unflatten`` where the leaves of ``like`` that span processes are assembled, in
+    their shardings, from this process's shards; the others are host arrays as saved.
+
+    Raises:
+      Unusable: a shard is missing or of another shape or dtype.
+    """
+    if not any(spans_processes(x) for x in jax.tree.leaves(like)):
+        return unflatten(prefix, like, arrays)
+    leaves = []
+    for path, want in jax.tree_util.tree_leaves_with_path(like):
+        key = prefix + jax.tree_util.keystr(path)
+        leaves.append(_from_shards(key, want, arrays) if spans_processes(want)
+                      else unflatten(key, want, arrays))  # fmt: skip
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _from_shards(key: str, like: jax.Array, arrays: dict[str, np.ndarray]) -> jax.Array:
+    pieces = []
+    for device, index in like.sharding.addressable_devices_indices_map(like.shape).items():
+        got = arrays.get(_shard_key(key, index))
+        want = tuple(len(range(*s.indices(n))) for s, n in zip(index, like.shape))
+        if got is None or got.shape != want or got.dtype != like.dtype:
+            raise Unusable(f"this process's shard {_shard_key(key, index)!r} is missing or "
+                           f"not {like.dtype}{list(want)}")  # fmt: skip
+        pieces.append(jax.device_put(got, device))
+    return jax.make_array_from_single_device_arrays(like.shape, like.sharding, pieces)
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -82,9 +169,14 @@ def write(directory: Path, step: int, trees: dict[str, Any], meta: dict[str, Any
 
 
 def write_arrays(
-    directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    directory: Path,
+    step: int,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    final: Path | None = None,
 ) -> Path:
-    """``write`` for arrays already flat, keyed as they are stored.
+    """``write`` for arrays already flat, keyed as they are stored; ``final``: the file's
+    name, if not the checkpoint's.
 
     Thread-safe (it touches only its own temporary file): ``_checkpoint_dir`` calls
     it on a host thread while the next chunk computes.
@@ -95,7 +187,7 @@ def write_arrays(
             _write_zip(f, arrays, {**meta, "step": step})
             f.flush()
             os.fsync(f.fileno())
-        final = path_for(directory, step)
+        final = final or path_for(directory, step)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
+from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel, _sharding
 from scanfit._driver import _chunk, _int
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
 from scanfit._scan import PyTree, TrainState
@@ -62,7 +62,7 @@ class Checkpointer:
     def open(self, fingerprint_of, state, history, *, resume: bool, total, epochs, mesh):
         """``(state, history)`` to start from: the newest checkpoint of this run, or as given.
 
-        ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
+        ``fingerprint_of(state=state)`` computes this run's fingerprint (inside, so that any error
         releases the lock). ``resume=False`` moves the checkpoints there aside.
 
         A run whose initial params and model state are those the newest checkpoint holds
@@ -71,7 +71,7 @@ class Checkpointer:
         fingerprint then keeps the checkpoint's initial-state entries.
         """
         with self.dir.closing_on_error():
-            self.fingerprint = fingerprint_of()
+            self.fingerprint = fingerprint_of(state=state)
             restored = None
             if resume:
                 self.dir.differences = functools.partial(self._continuing, state=state)
@@ -123,6 +123,7 @@ class Checkpointer:
         before it landed; the caller goes on to the next chunk meanwhile."""
         step = _int(state.step)
         self.last_saved = step
+        self._save_local_shards(step, state, history)
         if not self.dir.writer:
             self._landed = step
             return
@@ -170,6 +171,36 @@ class Checkpointer:
                 state=self.finish(history.result(state)),
             ) from err
 
+    def _save_local_shards(self, step: int, state: TrainState, history) -> None:
+        """Every process writes its shards of the arrays split over several processes;
+        all wait for all before process 0 writes the checkpoint that names them."""
+        try:
+            spans = _checkpoint.write_local_shards(self.path, step, _state_trees(state))
+        except OSError as err:
+            self.failed = True
+            raise CheckpointWriteError(
+                f"cannot save this process's shards of checkpoint {step} in "
+                f"{str(self.path)!r}: {err.strerror or err}. The checkpoints saved before are "
+                "intact; the trained state is attached as .state.",
+                errno=err.errno,
+                path=str(self.path),
+                state=self.finish(history.result(state)),
+            ) from err
+        if spans:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"scanfit checkpoint {step}")
+
+
+def _state_trees(state: TrainState) -> dict[str, Any]:
+    """The trees of the state that a checkpoint holds, by name (keys as their data)."""
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "model_state": _keys_as_data(state.model_state),
+        "evaluation": _keys_as_data(state.evaluation),
+    }
+
 
 _copy = jax.jit(lambda leaves: [jnp.copy(x) for x in leaves])
 
@@ -205,21 +236,18 @@ def _version() -> str:
     return __version__
 
 
-def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
+def fingerprint_of(step, data, stream, *, state, **entries) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``): ``step`` (a
     ``_scan.Step``) as compiled, the initial state, the data; ``entries`` are the run's
     other inputs and settings, by name (``rng`` among them). An iterable's contents are
     hashed as they stream (``_sources.StreamSource``): here only its structure, shapes
-    and length."""
+    and length. The initial state is digested where its shards lie
+    (``_sharding.digest``): nothing gathered, nothing kept."""
     program = _update_program(step, state, data, entries["rng"])
     fingerprint = _fingerprint.fingerprint(
-        program=program,
-        params=_host(_keys_as_data(state.params)),
-        opt_state=_host(state.opt_state),
-        model_state=_host(_keys_as_data(state.model_state)),
-        data=data if stream is None else {},
-        **entries,
+        program=program, data=data if stream is None else {}, **entries
     )
+    fingerprint.update(_state_digests(state))
     if stream is not None:
         fingerprint["data"] = stream.fingerprint()
     elif jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
@@ -229,6 +257,16 @@ def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
         every = np.asarray(multihost_utils.process_allgather(mine))
         fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
     return fingerprint
+
+
+def _state_digests(state: TrainState) -> dict[str, Any]:
+    """Fingerprint entries of the initial params (fit_steps: state), optimizer state and
+    model state."""
+    return {
+        "params": _sharding.digest(_keys_as_data(state.params)),
+        "opt_state": _sharding.digest(state.opt_state),
+        "model_state": _sharding.digest(_keys_as_data(state.model_state)),
+    }
 
 
 def _update_program(step, state, data, rng) -> str:
@@ -327,7 +365,8 @@ def _restore(checkpoints, state, history, total, epochs, mesh, source):
                 f"past the {total} updates of this run (epochs={epochs})."
             )
         try:
-            restored = _unpack(found.step, found.arrays, state, history, mesh)
+            shards = _checkpoint.read_local_shards(found.path, found.step)
+            restored = _unpack(found.step, {**found.arrays, **shards}, state, history, mesh)
         except _checkpoint.Unusable as err:
             checkpoints.reject(found.path, str(err))
             continue
@@ -360,8 +399,8 @@ def _unpack(step, arrays, state, history, mesh):
         metrics = _checkpoint.unflatten("metrics", empty_metrics, arrays, rows=evaluations)
 
     def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
-        saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
-        return _keys_from_data(like, jax.tree.map(jnp.asarray, saved))
+        saved = _checkpoint.unflatten_sharded(prefix, _keys_as_data(like), arrays)
+        return _keys_from_data(like, _sharding.restore_like(like, saved))
 
     restored = TrainState(
         as_device(state.params, "params"),
@@ -372,8 +411,8 @@ def _unpack(step, arrays, state, history, mesh):
         jnp.asarray(first_bad, jnp.int32),
         as_device(state.evaluation, "evaluation"),
     )
-    if mesh is not None:
-        restored = _parallel.put_replicated(restored, mesh)
+    if mesh is not None:  # the arrays are in the run's shardings; the counters replicated
+        restored = _parallel.put_on_mesh(restored, mesh)
     return restored, history.like(losses, aux, metrics)
 
 

@@ -24,16 +24,18 @@ from scanfit import _eval, _parallel, _sources
 from scanfit._conv import canonical_convs
 from scanfit._loop import TrainResult, result_of
 from scanfit._scan import PyTree, TrainState, finite_per_update, run_chunk
+from scanfit._sharding import Shardings, keeping_shardings
 
 _STATIC = ("step", "unroll")  # step: the step factory (_scan.Step), static
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
 _finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
-_CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every")
-_chunk = jax.jit(canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC)
+_CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every", "shardings")
+_run_chunk = keeping_shardings(run_chunk)  # a sharded carry stays in its shardings
+_chunk = jax.jit(canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
 _chunk_donating = jax.jit(
-    canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
+    canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
 )
 
 # Dispatching chunk k+1 ahead holds one more copy of the carry; above this size (big
@@ -192,7 +194,8 @@ class Program:
         count = jax.tree.leaves(data if idx is None else idx)[0].shape[0]
         every = None if self.evaluation is None else self.evaluation.every
         lay = None if every is None else _eval.layout(start, count, every, self.total)
-        return self.compiled(state=state, data=data, idx=idx, layout=lay)
+        shardings = Shardings.of_arrays(state)
+        return self.compiled(state=state, data=data, idx=idx, layout=lay, shardings=shardings)
 
     def launch(self, state: TrainState, start: int, inputs) -> _Flight:
         count = min(self.chunk, self.total - start)

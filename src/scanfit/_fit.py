@@ -34,6 +34,7 @@ from scanfit import (
     _observers,
     _parallel,
     _preempt,
+    _sharding,
     _sources,
     _trackers,
 )
@@ -46,13 +47,18 @@ NAN_POLICIES = ("raise", "skip", "ignore")
 __all__ = ["ChunkInfo", "fit"]
 
 
-@functools.partial(jax.jit, static_argnames="optimizer")
-def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer) -> TrainState:
+@functools.partial(jax.jit, static_argnames=("optimizer", "shardings"))
+def _fresh_state(
+    params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer, shardings=None
+) -> TrainState:
     """The initial carry in new device buffers (donating it must never delete the caller's
     arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
-    dispatch per leaf."""
+    dispatch per leaf. ``shardings``: the ``_sharding.Shardings`` of sharded (params,
+    opt_state, model_state), where the optimizer and model state are created in shards."""
     if opt_state is None:
         opt_state = optimizer.init(params)
+    if shardings is not None:
+        params, opt_state, model_state = shardings.constrain((params, opt_state, model_state))
     return jax.tree.map(jnp.copy, init_state(params, opt_state, model_state))
 
 
@@ -161,6 +167,7 @@ def fit(
     restore_best: bool = False,
     compile_cache: str | os.PathLike | None = None,
     loggers: Any = None,
+    param_sharding: Any = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -258,11 +265,15 @@ def fit(
         end), so it is done only while they take at most 256 MiB; above,
         chunks run one after the other, holding two. ``"skip"`` and
         ``"ignore"`` donate the carry and hold one.
-      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
-        batch axis (axis 1) is sharded over it, params and optimizer state
-        replicated; XLA inserts the gradient all-reduce. Across hosts (after
-        ``jax.distributed.initialize()``), each process passes its own share
-        of every microbatch as ``data``; process 0 writes the checkpoints.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` and/or an ``"fsdp"``
+        axis: every data leaf's batch axis (axis 1) is sharded over them,
+        params and optimizer state replicated unless placed on the mesh or
+        sharded by ``param_sharding``; XLA inserts the gradient all-reduce (or
+        the all-gathers and reduce-scatters of sharded params). Across hosts
+        (after ``jax.distributed.initialize()``), each process passes its own
+        share of every microbatch as ``data``; process 0 writes the
+        checkpoints, and each process its own shards of arrays split over
+        several processes.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
@@ -277,6 +288,16 @@ def fit(
         record. With ``checkpoint_dir`` a record is sent once a checkpoint at or
         past its step has landed, so a resumed run never sends a step twice.
         The packages are in the ``trackers`` extra.
+      param_sharding: how params (and with them the optimizer state) are
+        sharded over the mesh (FSDP): ``None`` (as given: params placed on the
+        mesh as ``NamedSharding`` stay so, as do NNX params made under
+        ``nnx.with_partitioning``; others are replicated), ``"fsdp"`` (each
+        leaf split along its largest dimension that the mesh's ``"fsdp"``
+        axis, or ``"data"`` where it has none, divides; leaves under 1024
+        elements replicated), a pytree of ``PartitionSpec`` matching params,
+        or a function ``(path, leaf) -> PartitionSpec``. Needs ``mesh=`` or
+        ``devices=`` (or params already on a mesh). The batch is sharded over
+        the mesh's ``"data"`` and ``"fsdp"`` axes.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -372,8 +393,9 @@ def fit(
     )  # fmt: skip
     step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, policy == "skip", model.extended)
     init = functools.partial(
-        initial_state, params, opt_state, model_state, optimizer, evaluation, eval_data, mesh
-    )
+        initial_state, params, opt_state, model_state, optimizer, evaluation, eval_data, mesh,
+        param_sharding,
+    )  # fmt: skip
     run = Run(
         step=step, init=init, params=params, model_state=model_state, data=data,
         checked=checked, stream=stream, n=n, epochs=epochs,
@@ -451,7 +473,7 @@ def execute(
                 donated=run.policy != "raise",
             ))  # fmt: skip
             fingerprint = functools.partial(
-                _checkpointer.fingerprint_of, run.step, state, run.checked, run.stream,
+                _checkpointer.fingerprint_of, run.step, run.checked, run.stream,
                 key=run.key, rng=run.rng, nan_policy=run.policy, log_every=run.log_every,
                 **(run.fingerprint or {}),
             )  # fmt: skip
@@ -468,8 +490,12 @@ def execute(
         observers += _trackers.enter(stack, loggers, log_dir, start, saver, loss=run.has_loss)
         # Last: it raises Preempted after every other observer has seen the chunk.
         observers.append(stack.enter_context(_preempt.Preemption(checkpoint_dir)))
+        first = [state]  # handed over, not kept here: the first carry dies after chunk 1
+        del state
         try:
-            state = _driver.drive(program, source, state, history, observers, per_epoch=per_epoch)
+            state = _driver.drive(
+                program, source, first.pop(), history, observers, per_epoch=per_epoch
+            )
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, run.finish, checkpoint_dir, accumulate) from None
     return state, history
@@ -499,12 +525,21 @@ def _watchers(stack, state, total, *, progress, log_dir, on_chunk, run=None, los
     return observers
 
 
-def initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
-    """The first carry: fresh buffers, the evaluation bookkeeping, replicated over a mesh."""
-    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
+def initial_state(
+    params, opt_state, model_state, optimizer, evaluation, eval_data, mesh, param_sharding=None
+):
+    """The first carry: fresh buffers, the evaluation bookkeeping, on the mesh: sharded
+    params (as given or by ``param_sharding``) with their optimizer state in the same
+    shards, everything else replicated."""
+    params, shardings = _sharding.carry(
+        params, opt_state, model_state, optimizer=optimizer, mesh=mesh,
+        param_sharding=param_sharding,
+    )  # fmt: skip
+    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer, shardings=shardings)
     if evaluation is not None:
-        state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
-    return state if mesh is None else _parallel.put_replicated(state, mesh)
+        evaluation = _eval_init(evaluation, state.params, state.model_state, eval_data)
+        state = state._replace(evaluation=evaluation)
+    return state if mesh is None else _parallel.put_on_mesh(state, mesh)
 
 
 def _history(loss_spec, aux_spec, evaluation, params, model_state, eval_data, log_every,

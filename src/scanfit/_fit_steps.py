@@ -98,6 +98,7 @@ def fit_steps(
     steps_per_epoch: int | None = None,
     compile_cache: str | os.PathLike | None = None,
     loggers: Any = None,
+    param_sharding: Any = None,
 ) -> StepsResult:
     """Runs ``scan_steps``' loop in compiled chunks, with checkpoints and resume.
 
@@ -119,6 +120,12 @@ def fit_steps(
         it closes over: learning rates, network definitions), the initial
         state, the data and the settings. With ``mesh``/``devices`` the state
         is replicated and each batch's axis 1 sharded over ``"data"``.
+      param_sharding: as for ``fit``, over the whole state: ``"fsdp"`` splits
+        every leaf of at least 1024 elements (params, optimizer moments alike)
+        along its largest dimension the mesh's ``"fsdp"`` (else ``"data"``)
+        axis divides; a pytree of ``PartitionSpec`` matches ``state``; a
+        function gets ``(path, leaf)``. A state placed on the mesh as given
+        keeps its shardings.
       on_chunk: called as ``on_chunk(info)`` after each chunk: ``info.state``
         is the state after it, ``info.aux`` the mean of each metric over the
         chunk; returning ``False`` stops the run cleanly.
@@ -174,7 +181,9 @@ def fit_steps(
         log_every=log_every, updates=epochs * n, train_batch=batch,
     )  # fmt: skip
     loss_spec = jax.eval_shape(_steps._loss_of, metrics_spec)
-    init = functools.partial(initial_state, state, (), None, None, evaluation, eval_data, mesh)
+    init = functools.partial(
+        initial_state, state, (), None, None, evaluation, eval_data, mesh, param_sharding
+    )
     run = Run(
         step=_steps.UserStep(step_fn, rng is not None), init=init, params=state,
         model_state=None, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
