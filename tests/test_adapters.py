@@ -1,5 +1,7 @@
 """Flax NNX and Equinox models passed as they are, against each framework's own loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,3 +237,83 @@ def test_an_nnx_state_with_rng_counters_as_params_points_to_model_state():
         r"model_state= .* a Flax NNX or Equinox module can be passed as params",
     ):
         scanfit.scan_train(lambda p, b: jnp.sum(b), state, 0.1, jnp.ones((2, 1)))
+
+
+def _nnx_state_equal(a, b):
+    """Bitwise equality of two NNX states (PRNG keys compared as their data)."""
+
+    def same(x, y):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    jax.tree.map(same, a, b)
+
+
+# The eval loss falls as training goes on, so its maximum is an early evaluation: the best
+# state differs from the last one, which is what restore_best must tell apart.
+_EVAL = dict(eval_every=4, best=("loss", "max"), progress=False)
+
+
+def test_fit_called_again_with_the_nnx_module_it_trained_continues_its_run(tmp_path):
+    data, tx = digits_like(12), optax.adam(1e-2)
+    kwargs = dict(epochs=2, chunk_steps=4, progress=False)
+    full_model = NNXNet(nnx.Rngs(0, dropout=1))
+    full = scanfit.fit(nnx_loss, full_model, tx, data, **kwargs)
+    model = NNXNet(nnx.Rngs(0, dropout=1))
+    stopped = scanfit.fit(nnx_loss, model, tx, data, checkpoint_dir=tmp_path,
+                          on_chunk=lambda info: info.step < 8, **kwargs)  # fmt: skip
+    assert np.isnan(stopped.losses[8:]).all()  # trained in place up to update 8
+    resumed = scanfit.fit(nnx_loss, model, tx, data, checkpoint_dir=tmp_path, **kwargs)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    _nnx_state_equal(nnx.state(model), nnx.state(full_model))
+    again = scanfit.fit(nnx_loss, model, tx, data, checkpoint_dir=tmp_path, **kwargs)
+    np.testing.assert_array_equal(again.losses, full.losses)  # finished: nothing more to do
+    _nnx_state_equal(nnx.state(model), nnx.state(full_model))
+    # A module in a state no checkpoint holds is another run's start: still refused.
+    other = NNXNet(nnx.Rngs(0, dropout=1))
+    scanfit.scan_train(nnx_loss, other, tx, digits_like(1))
+    with pytest.raises(scanfit.CheckpointMismatchError, match="the initial params: same shapes"):
+        scanfit.fit(nnx_loss, other, tx, data, checkpoint_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("driver", ["scan_train", "fit"])
+def test_restore_best_leaves_an_nnx_module_at_the_best_evaluation(driver, tmp_path):
+    data, tx, train = digits_like(12), optax.adam(1e-2), getattr(scanfit, driver)
+    ev = dict(eval_fn=lambda m, b: {"loss": nnx_loss(m, b)}, eval_data=digits_like(2, seed=1))
+    kwargs = (
+        dict(**ev, **_EVAL) if driver == "fit" else dict(**ev, eval_every=4, best=_EVAL["best"])
+    )
+    plain = train(nnx_loss, NNXNet(nnx.Rngs(0, dropout=1)), tx, data, **kwargs)
+    assert 0 < int(plain.best_step) < 12
+    if driver == "fit":
+        kwargs["checkpoint_dir"] = tmp_path
+    model = NNXNet(nnx.Rngs(0, dropout=1))
+    res = train(nnx_loss, model, tx, data, restore_best=True, **kwargs)
+    _nnx_state_equal(res.params, plain.best_params)
+    _nnx_state_equal(res.model_state, plain.best_model_state)
+    _nnx_state_equal(nnx.state(model, nnx.Param), plain.best_params)
+    _nnx_state_equal(nnx.state(model, nnx.Not(nnx.Param)), plain.best_model_state)
+    jax.tree.map(np.testing.assert_array_equal, res.opt_state, plain.opt_state)  # the last
+    if driver == "fit":  # the module left at the best state still continues its run
+        again = train(nnx_loss, model, tx, data, restore_best=True, **kwargs)
+        np.testing.assert_array_equal(again.losses, plain.losses)
+        _nnx_state_equal(nnx.state(model, nnx.Param), plain.best_params)
+
+
+def test_restore_best_gives_the_best_equinox_module():
+    model = eqx.nn.MLP(F, C, 8, 1, key=jax.random.key(0))
+
+    def loss(model, batch):
+        logits = jax.vmap(model)(batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    kwargs = dict(eval_fn=lambda m, b: {"loss": loss(m, b)}, eval_data=digits_like(2, seed=1),
+                  eval_every=4, best=("loss", "max"))  # fmt: skip
+    plain = scanfit.scan_train(loss, model, optax.adam(1e-2), digits_like(12), **kwargs)
+    assert 0 < int(plain.best_step) < 12
+    for train in (scanfit.scan_train, functools.partial(scanfit.fit, progress=False)):
+        res = train(loss, model, optax.adam(1e-2), digits_like(12), restore_best=True, **kwargs)
+        assert isinstance(res.params, eqx.nn.MLP)
+        jax.tree.map(np.testing.assert_array_equal, eqx.filter(res.params, eqx.is_array),
+                     eqx.filter(plain.best_params, eqx.is_array))  # fmt: skip

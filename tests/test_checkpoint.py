@@ -28,6 +28,7 @@ import pytest
 import scanfit
 from scanfit import _checkpoint, _checkpointer, _fingerprint, _fit
 from scanfit._cli import main as cli_main
+from scanfit._loop import OptaxStep
 
 N, B, D = 8, 4, 3
 
@@ -52,7 +53,9 @@ def make_problem(seed=0):
 
 PARAMS, DATA = make_problem()
 ADAM = optax.adam(1e-3)
-_PLAIN = {"accumulate": 1, "has_aux": False, "extended": False}  # _update_program's settings
+def _step(loss_fn):
+    """The step factory fit builds for a plain loss and ADAM."""
+    return OptaxStep(loss_fn, ADAM)
 
 
 def train(ckpt, *, loss=mse, params=PARAMS, opt=ADAM, data=DATA, **kw):
@@ -181,7 +184,7 @@ def test_program_digest_ignores_function_names():
 
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
     texts = [
-        _checkpointer._update_program(jax.jit(f), ADAM, state, DATA, None, **_PLAIN)
+        _checkpointer._update_program(_step(jax.jit(f)), state, DATA, None)
         for f in (loss_a, loss_b)
     ]
     assert "@loss_a" in texts[0] and "@loss_b" in texts[1]
@@ -196,7 +199,7 @@ _DIGEST_SCRIPT = textwrap.dedent(
     from scanfit import _checkpointer, _fingerprint, _fit
     state = _fit._fresh_state(t.PARAMS, None, None, optimizer=t.ADAM)
     print(_fingerprint.program_digest(
-        _checkpointer._update_program(t.mse, t.ADAM, state, t.DATA, None, **t._PLAIN)))
+        _checkpointer._update_program(t._step(t.mse), state, t.DATA, None)))
     """
 )
 
@@ -204,7 +207,7 @@ _DIGEST_SCRIPT = textwrap.dedent(
 def test_program_digest_is_the_same_in_another_process():
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
     here = _fingerprint.program_digest(
-        _checkpointer._update_program(mse, ADAM, state, DATA, None, **_PLAIN)
+        _checkpointer._update_program(_step(mse), state, DATA, None)
     )
     script = _DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

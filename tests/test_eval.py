@@ -12,7 +12,7 @@ import pytest
 
 import scanfit
 from scanfit import _eval
-from scanfit._loop import epoch_order
+from scanfit._scan import epoch_order
 from tests import _stateful_problem
 
 F = 3

@@ -960,3 +960,28 @@ def test_inf_in_a_param_the_loss_ignores_is_found_with_two_compilations(bad, com
     else:
         cut = jax.tree.map(lambda a: a[:bad], data)
         assert_same(exc.value.state, scanfit.scan_train(linear_loss, params, opt, cut))
+
+
+@pytest.mark.parametrize("train", [scanfit.scan_train, scanfit.fit])
+def test_restore_best_ends_a_pytree_run_at_its_best_evaluation(problem, train):
+    params, data = problem
+    # The eval loss falls as training goes on: its maximum is an early evaluation.
+    kwargs = dict(eval_fn=lambda p, b: {"loss": mlp_loss(p, b)}, eval_data=data, eval_every=4,
+                  best=("loss", "max"), epochs=2)  # fmt: skip
+    plain = train(mlp_loss, params, optax.adam(0.01), data, **kwargs)
+    assert 0 < int(plain.best_step) < 40
+    res = train(mlp_loss, params, optax.adam(0.01), data, restore_best=True, **kwargs)
+    jax.tree.map(np.testing.assert_array_equal, res.params, plain.best_params)
+    jax.tree.map(np.testing.assert_array_equal, res.opt_state, plain.opt_state)  # the last
+    np.testing.assert_array_equal(res.losses, plain.losses)
+
+
+@pytest.mark.parametrize("train", [scanfit.scan_train, scanfit.fit])
+def test_restore_best_without_best_is_a_clear_error(problem, train):
+    params, data = problem
+    with pytest.raises(
+        ValueError, match=r"restore_best=True needs best=\(metric, 'min' \| 'max'\)"
+    ):
+        train(mlp_loss, params, 0.01, data, restore_best=True)
+    with pytest.raises(TypeError, match=r"restore_best must be True or False, got 'yes'"):
+        train(mlp_loss, params, 0.01, data, restore_best="yes")

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import scanfit
-from scanfit._loop import _scan_train_jit, epoch_order
+from scanfit._loop import _scan_train_jit
+from scanfit._scan import epoch_order
 
 # ---------------------------------------------------------------------------
 # A small model with nested dict / list / tuple params, and its reference loop.
@@ -518,7 +519,7 @@ def extended_reference(loss_fn, params, opt, data, model_state, rng, *, epochs, 
     grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     opt_state, n, m, losses = opt.init(params), len(jax.tree.leaves(data)[0]), 0, []
     for e in range(epochs):
-        order = np.arange(n) if key is None else np.asarray(scanfit._loop.epoch_order(key, e, n))
+        order = np.arange(n) if key is None else np.asarray(scanfit._scan.epoch_order(key, e, n))
         for u in range(n // k):
             total = None
             for j in range(k):

@@ -211,3 +211,57 @@ def test_sweep_of_an_nnx_module_keeps_one_state_per_config():
             atol=1e-6,
         )
     assert int(model.drop.rngs.count[...]) == 0  # the module passed in is left as it was
+
+
+def _reseeded(model, seed):
+    """The module with every RNG stream reseeded as sweep(seeds=) documents."""
+    nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
+    keys = nnx.state(model, nnx.RngKey)
+    nnx.update(model, jax.tree.map(lambda k: jax.random.fold_in(k, seed), keys))
+    return model
+
+
+def test_sweep_seeds_reseed_an_nnx_modules_rng_streams():
+    nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
+    from test_adapters import NNXNet, digits_like, nnx_loss
+
+    model, seeds, order = NNXNet(nnx.Rngs(0, dropout=1)), [3, 7], jax.random.key(5)
+    before = jax.random.key_data(model.drop.rngs.key[...])
+    res = scanfit.sweep(nnx_loss, model, lambda lr: optax.adam(lr), digits_like(8),
+                        {"lr": [1e-2, 1e-2]}, seeds=seeds, key=order)  # fmt: skip
+    # Same learning rate, data and order: only the dropout masks tell the configs apart.
+    assert not np.allclose(res.losses[0], res.losses[1], rtol=1e-3)
+    for i, seed in enumerate(seeds):
+        one = scanfit.scan_train(nnx_loss, _reseeded(NNXNet(nnx.Rngs(0, dropout=1)), seed),
+                                 optax.adam(1e-2), digits_like(8), key=order)  # fmt: skip
+        # float32, 8 updates: a vmapped program rounds differently in the last bits.
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-5)
+        np.testing.assert_array_equal(
+            jax.random.key_data(res.model_state["drop"]["rngs"]["key"][...][i]),
+            jax.random.key_data(one.model_state["drop"]["rngs"]["key"][...]),
+        )
+    np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key[...]), before)
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_sweep_of_an_init_function_returning_a_module_equals_single_runs(framework):
+    nnx = pytest.importorskip("flax.nnx", reason="flax is in the examples extra")
+    eqx = pytest.importorskip("equinox", reason="equinox is in the examples extra")
+    from test_adapters import NNXNet, digits_like, nnx_loss
+
+    def eqx_loss(model, batch):
+        logits = jax.vmap(model)(batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    loss, init = {
+        "nnx": (nnx_loss, lambda k: NNXNet(nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)))),
+        "equinox": (eqx_loss, lambda k: eqx.nn.MLP(6, 3, 8, 1, key=k)),
+    }[framework]
+    seeds, data = [3, 7], digits_like(8)
+    res = scanfit.sweep(loss, init, lambda lr: optax.adam(lr), data, {"lr": [1e-2, 1e-2]},
+                        seeds=seeds)  # fmt: skip
+    for i, seed in enumerate(seeds):
+        init_key, shuffle_key = jax.random.split(jax.random.key(seed))
+        one = scanfit.scan_train(loss, init(init_key), optax.adam(1e-2), data, key=shuffle_key)
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-5)  # as above
+    assert not np.allclose(res.losses[0], res.losses[1], rtol=1e-3)

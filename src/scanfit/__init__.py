@@ -8,9 +8,12 @@ from scanfit._errors import DataExhaustedError as DataExhaustedError
 from scanfit._errors import DivergenceError as DivergenceError
 from scanfit._fit import ChunkInfo as ChunkInfo
 from scanfit._fit import fit as fit
+from scanfit._fit_steps import fit_steps as fit_steps
 from scanfit._linear import scan_training_step as scan_training_step
 from scanfit._loop import TrainResult as TrainResult
 from scanfit._loop import scan_train as scan_train
+from scanfit._steps import StepsResult as StepsResult
+from scanfit._steps import scan_steps as scan_steps
 from scanfit._sweep import grid as grid
 from scanfit._sweep import rank as rank
 from scanfit._sweep import sweep as sweep
@@ -25,10 +28,13 @@ __all__ = [
     "ChunkInfo",
     "DataExhaustedError",
     "DivergenceError",
+    "StepsResult",
     "TrainResult",
     "fit",
+    "fit_steps",
     "grid",
     "rank",
+    "scan_steps",
     "scan_train",
     "scan_training_step",
     "sweep",

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from scanfit._checks import describe, pair
+from scanfit._checks import check_bool, describe, pair
 
 PyTree = Any
 
@@ -213,3 +215,86 @@ def _adapt_equinox(loss_fn, module, *, model_state, rng) -> Adapted:
 
     extended = model_state is not None or rng is not None
     return Adapted(_EquinoxLoss(loss_fn, static), params, model_state, extended, finish)
+
+
+def check_restore_best(restore_best: Any, best: Any) -> None:
+    """``restore_best`` is a bool, and True only with ``best`` (there is no best state without)."""
+    check_bool("restore_best", restore_best)
+    if restore_best and best is None:
+        raise ValueError(
+            "restore_best=True needs best=(metric, 'min' | 'max'): without best= no best "
+            "evaluation is tracked to restore. Pass best=, or restore_best=False."
+        )
+
+
+def at_best(result):
+    """A ``TrainResult`` whose params and model state are those of the best evaluation.
+
+    Keras's ``restore_best_weights``: ``params`` and ``model_state`` become
+    ``best_params`` and ``best_model_state`` (the initial ones if no evaluation
+    improved); ``opt_state`` and everything else stay those of the last update.
+    Apply it before ``Adapted.finish``, so that an NNX module is updated to it.
+    """
+    state = result.model_state if result.best_model_state is None else result.best_model_state
+    return result._replace(params=result.best_params, model_state=state)
+
+
+def reseed_nnx(state: PyTree, seed: jax.Array) -> PyTree:
+    """An NNX module's non-Param state with every RNG stream reseeded by ``seed``.
+
+    Each ``nnx.RngKey`` variable's key ``k`` becomes ``jax.random.fold_in(k, seed)``;
+    stream counters (``nnx.RngCount``) and all other variables stay as they are.
+    On a module, the same is ``nnx.update(model, jax.tree.map(lambda k:
+    jax.random.fold_in(k, seed), nnx.state(model, nnx.RngKey)))``. Pure: works
+    under ``jit`` and ``vmap``.
+    """
+    from flax import nnx
+
+    def one(v):
+        return (
+            v.replace(jax.random.fold_in(v.get_value(), seed)) if isinstance(v, nnx.RngKey) else v
+        )
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSplit:
+    """``init(key)`` as ``(params, model_state or None)``: a module it returns is split as
+    ``adapt`` splits one (NNX: its Params and the rest; Equinox: its floating arrays).
+    Hashable, so that ``sweep`` compiles once per init function."""
+
+    init: Callable
+    kind: str  # "nnx", "equinox" or "pytree": what ``init`` returns
+
+    def __call__(self, key):
+        out = self.init(key)
+        if self.kind == "nnx":
+            from flax import nnx
+
+            _, params, rest = nnx.split(out, nnx.Param, ...)
+            return params, rest
+        if self.kind == "equinox":
+            import equinox as eqx
+
+            return eqx.partition(out, eqx.is_inexact_array)[0], None
+        return out, None
+
+
+def init_example(init: Callable, key: jax.Array) -> tuple[Any, InitSplit]:
+    """What ``init(key)`` returns, as zeros of its shapes (nothing computed), and ``init`` as
+    an ``InitSplit``. PRNG keys in it (an NNX module's RNG streams) are zero keys."""
+    eqx = sys.modules.get("equinox")
+    shapes = eqx.filter_eval_shape(init, key) if eqx is not None else jax.eval_shape(init, key)
+
+    def zeros(s):
+        if not isinstance(s, jax.ShapeDtypeStruct):
+            return s
+        # NumPy has no PRNG key dtype; jnp.zeros makes zero keys of the right impl.
+        key_typed = jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+        return jnp.zeros(s.shape, s.dtype) if key_typed else np.zeros(s.shape, s.dtype)
+
+    example = jax.tree.map(zeros, shapes)
+    kind = "nnx" if _module_of("nnx", example) else "pytree"
+    kind = "equinox" if _module_of("equinox", example) else kind
+    return example, InitSplit(init, kind)

@@ -9,6 +9,7 @@ patience count, stop) and an iterable source's position.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
 from scanfit._driver import _chunk, _int
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
-from scanfit._loop import PyTree, TrainState
+from scanfit._scan import PyTree, TrainState
 
 _host = _parallel.to_host
 
@@ -55,18 +56,37 @@ class Checkpointer:
 
         ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
         releases the lock). ``resume=False`` moves the checkpoints there aside.
+
+        A run whose initial params and model state are those the newest checkpoint holds
+        (its last update's, or its best evaluation's), all else equal, continues it: an
+        NNX module trained in place by an earlier call of this run, passed again. Its
+        fingerprint then keeps the checkpoint's initial-state entries.
         """
         with self.dir.closing_on_error():
             self.fingerprint = fingerprint_of()
-            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
             restored = None
             if resume:
+                self.dir.differences = functools.partial(self._continuing, state=state)
                 restored = _restore(self.dir, state, history, total, epochs, mesh, self.source)
             else:
                 self.dir.move_aside()
+            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
         state, history = restored or (state, history)
         self.last_saved = _int(state.step)
         return state, history
+
+    def _continuing(self, meta: dict[str, Any], *, state: TrainState) -> list[str]:
+        """``_differences`` for the newest sound checkpoint, adopting its initial-state
+        entries when ``state`` is the state it holds (see ``open``); once only."""
+        self.dir.differences = functools.partial(_differences, current=self.fingerprint)
+        found = _differences(meta, current=self.fingerprint)
+        others = _differences(meta, current=self.fingerprint, ignore=_INITIAL)
+        if found and not others and _holds(meta, state):
+            saved = meta["fingerprint"]
+            self.fingerprint = {**self.fingerprint, **{k: saved.get(k) for k in _INITIAL}}
+            self.dir.differences = functools.partial(_differences, current=self.fingerprint)
+            return []
+        return found
 
     def on_chunk(self, info, state: TrainState, history) -> None:
         if (
@@ -91,7 +111,7 @@ class Checkpointer:
             self.dir.save(
                 step,
                 {
-                    "params": state.params,
+                    "params": _keys_as_data(state.params),  # fit_steps: any state
                     "opt_state": state.opt_state,
                     "model_state": _keys_as_data(state.model_state),
                     "counters": {"skipped": skipped, "first_nonfinite": first_bad},
@@ -126,20 +146,16 @@ def _version() -> str:
     return __version__
 
 
-def fingerprint_of(
-    loss_fn, optimizer, state, data, stream, *, extended, **entries
-) -> dict[str, Any]:
-    """What decides the result of this run, hashed (``_fingerprint``); ``entries`` are the
-    run's other inputs and settings, by name (``rng``, ``accumulate`` and ``has_aux`` among
-    them). An iterable's contents are hashed as they stream (``_sources.StreamSource``):
-    here only its structure, shapes and length."""
-    program = _update_program(
-        loss_fn, optimizer, state, data, entries["rng"],
-        accumulate=entries["accumulate"], has_aux=entries["has_aux"], extended=extended,
-    )  # fmt: skip
+def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
+    """What decides the result of this run, hashed (``_fingerprint``): ``step`` (a
+    ``_scan.Step``) as compiled, the initial state, the data; ``entries`` are the run's
+    other inputs and settings, by name (``rng`` among them). An iterable's contents are
+    hashed as they stream (``_sources.StreamSource``): here only its structure, shapes
+    and length."""
+    program = _update_program(step, state, data, entries["rng"])
     fingerprint = _fingerprint.fingerprint(
         program=program,
-        params=_host(state.params),
+        params=_host(_keys_as_data(state.params)),
         opt_state=_host(state.opt_state),
         model_state=_host(_keys_as_data(state.model_state)),
         data=data if stream is None else {},
@@ -156,25 +172,20 @@ def fingerprint_of(
     return fingerprint
 
 
-def _update_program(loss_fn, optimizer, state, data, rng, **settings) -> str:
-    """The text of one update as fit compiles it: the loss, the optimizer and every
-    hyper-parameter they close over. Lowered on abstract values of one update's
-    microbatches, so where the data lives and how long the run is leave it unchanged;
-    non-finite handling is left out (it is a fingerprint entry of its own)."""
+def _update_program(step, state, data, rng) -> str:
+    """The text of one update as fit compiles it: the step (e.g. the loss, the optimizer
+    and every hyper-parameter they close over). Lowered on abstract values of one
+    update's microbatches, so where the data lives and how long the run is leave it
+    unchanged; non-finite handling is left out (it is a fingerprint entry of its own)."""
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
-    k = settings["accumulate"]
+    k = step.accumulate
     lead = (1, k) if k > 1 else (1,)
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype), data)
+    if hasattr(step, "skip_nonfinite"):
+        step = dataclasses.replace(step, skip_nonfinite=False)
+    idx = None if data is not None else jax.ShapeDtypeStruct((1,), np.int32)
     return _chunk.lower(
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        state=jax.tree.map(spec, state),
-        data=one,
-        idx=None,
-        rng=rng,
-        unroll=1,
-        skip_nonfinite=False,
-        **settings,
+        step=step, state=jax.tree.map(spec, state), data=one, idx=idx, rng=rng, unroll=1
     ).as_text()
 
 
@@ -196,8 +207,9 @@ def _keys_from_data(like: PyTree, tree: PyTree) -> PyTree:
     return jax.tree.map(restore, like, tree)
 
 
-def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
-    """How a checkpoint's run differs from this one (``_fingerprint.differences``)."""
+def _differences(meta: dict[str, Any], *, current: dict[str, Any], ignore=()) -> list[str]:
+    """How a checkpoint's run differs from this one (``_fingerprint.differences``), leaving
+    out the entries named in ``ignore``."""
     saved = meta.get("fingerprint")
     if not isinstance(saved, dict):
         return ["it holds no fingerprint"]
@@ -205,7 +217,35 @@ def _differences(meta: dict[str, Any], *, current: dict[str, Any]) -> list[str]:
     # the same run ("skip" compiles another, which rounds differently).
     policies = {saved.get("nan_policy"), current["nan_policy"]}
     same = policies <= {"raise", "ignore"} and not meta.get("nonfinite_seen", True)
-    return _fingerprint.differences(saved, current, ignore=("nan_policy",) if same else ())
+    ignore = (*ignore, "nan_policy") if same else tuple(ignore)
+    return _fingerprint.differences(saved, current, ignore=ignore)
+
+
+# The fingerprint entries of the initial state: a run passed the state a checkpoint of it
+# holds (an NNX module trained in place) continues it, whatever they say.
+_INITIAL = ("params", "opt_state", "model_state")
+
+
+def _holds(meta: dict[str, Any], state: TrainState) -> bool:
+    """Whether a checkpoint holds ``state``'s params and model state, bitwise: as its last
+    update's state, or as its best evaluation's (``fit(restore_best=True)``)."""
+    saved = meta.get("arrays")
+    if not isinstance(saved, dict):
+        return False
+    mine = {
+        **_checkpoint._flatten("params", _keys_as_data(state.params)),
+        **_checkpoint._flatten("model_state", _keys_as_data(state.model_state)),
+    }
+    sums = {k: _checkpoint._checksum(a) for k, a in mine.items()}
+    for where in ("", "evaluation.best_"):
+        theirs = {
+            k[len(where) :]: v[2]
+            for k, v in saved.items()
+            if k.startswith((where + "params", where + "model_state"))
+        }
+        if theirs == sums:
+            return True
+    return False
 
 
 def _restore(checkpoints, state, history, total, epochs, mesh, source):

@@ -460,10 +460,12 @@ def check_eval_args(
     patience: Any,
     form: str,
     metrics_of: Any,
+    data_optional: bool = False,
 ) -> None:
     """The evaluation arguments; ``metrics_of(batch_spec)`` traces eval_fn abstractly.
 
-    ``form`` is how eval_fn is called, for the messages.
+    ``form`` is how eval_fn is called, for the messages. ``data_optional``: eval_fn
+    may make its own data (the step form), called once with ``batch=None``.
     """
     if eval_fn is None:
         named = {"eval_data": eval_data, "eval_every": eval_every, "best": best}
@@ -478,12 +480,13 @@ def check_eval_args(
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable as {form} -> {{name: scalar}}, got "
                         f"{describe(eval_fn)}.")  # fmt: skip
-    if eval_data is None:
+    if eval_data is None and not data_optional:
         raise ValueError(
             "eval_fn needs eval_data: a pytree of arrays with a leading axis M of eval "
             "microbatches (each metric is averaged over the M), got eval_data=None."
         )
-    check_eval_data(eval_data)
+    if eval_data is not None:
+        check_eval_data(eval_data)
     _check_positive("eval_every", eval_every, "updates between evaluations")
     _check_positive("patience", patience, "evaluations without improvement before stopping")
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), eval_data)

@@ -22,9 +22,10 @@ import numpy as np
 
 from scanfit import _eval, _parallel, _sources, _xla_cpu
 from scanfit._conv import canonical_convs
-from scanfit._loop import PyTree, TrainResult, TrainState, finite_per_update, result_of, run_chunk
+from scanfit._loop import TrainResult, result_of
+from scanfit._scan import PyTree, TrainState, finite_per_update, run_chunk
 
-_STATIC = ("loss_fn", "optimizer", "accumulate", "has_aux", "unroll", "skip_nonfinite", "extended")
+_STATIC = ("step", "unroll")  # step: the step factory (_scan.Step), static
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
 _finite_per_update = _xla_cpu.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
 _CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every")
@@ -67,6 +68,12 @@ class ChunkInfo(NamedTuple):
     metrics: dict | None = None  # this chunk's evaluations: {name: (evaluations,), "step": ...}
     opt_state: PyTree = None  # optimizer state after this chunk
     model_state: PyTree = None  # model state after this chunk (None without one)
+
+    @property
+    def state(self) -> PyTree:
+        """``fit_steps``: the step's state after this chunk (there ``aux`` holds the mean of
+        each metric over the chunk)."""
+        return self.params
 
 
 class Observer(Protocol):

@@ -111,8 +111,12 @@ def call(spec: EvalSpec, params: PyTree, model_state: PyTree, batch: PyTree) -> 
 def evaluate(spec: EvalSpec, params: PyTree, model_state: PyTree, eval_data: PyTree) -> dict:
     """The mean of each metric over the M eval microbatches (leaves of eval_data: (M, ...)).
 
-    An inner scan, not a vmap: memory holds one microbatch's activations.
+    An inner scan, not a vmap: memory holds one microbatch's activations. With
+    ``eval_data=None`` (the step form: an evaluation that makes its own data, e.g.
+    episodes), the metrics of one call with ``batch=None``.
     """
+    if eval_data is None:
+        return call(spec, params, model_state, None)
     m = jax.tree.leaves(eval_data)[0].shape[0]
     shapes = jax.eval_shape(lambda b: call(spec, params, model_state, b), _first(eval_data))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,8 @@ from scanfit import (
 )
 from scanfit._driver import ChunkInfo, History
 from scanfit._errors import DataExhaustedError, DivergenceError
-from scanfit._loop import PyTree, TrainResult, TrainState, eval_settings, init_state
+from scanfit._loop import OptaxStep, TrainResult, eval_settings
+from scanfit._scan import PyTree, TrainState, init_state
 
 NAN_POLICIES = ("raise", "skip", "ignore")
 __all__ = ["ChunkInfo", "fit"]
@@ -73,7 +74,7 @@ def _chunk_size(chunk_steps, checkpoint_every, total: int, output_spec) -> int:
     return max(1, min(total, checkpoint_every or bound, bound))
 
 
-def _check_fit_settings(
+def check_fit_settings(
     *,
     chunk_steps,
     checkpoint_dir,
@@ -152,6 +153,7 @@ def fit(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    restore_best: bool = False,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -210,6 +212,9 @@ def fit(
         non-finite policy (``"raise"`` and ``"ignore"`` count as one until an
         update is non-finite). A difference raises ``CheckpointMismatchError``
         naming it. ``epochs`` may differ: the run goes on to its new end.
+        Params and model state equal to those the newest checkpoint holds (its
+        last update's or best evaluation's: an NNX module this run trained in
+        place, passed again) continue that run.
         Fingerprinting hashes all the data once per call (about 0.8 s per GiB
         here) and lowers one update; it is done only with ``checkpoint_dir``.
         ``False``: start afresh; the checkpoints already there are moved into
@@ -248,6 +253,11 @@ def fit(
         position of those boundaries in a chunk: pick ``chunk_steps`` a multiple
         of ``eval_every`` for one). After an early stop no further chunk is
         dispatched. ``chunk_steps`` must be a multiple of ``log_every``.
+      restore_best: as for ``scan_train``: with ``best``, ``res.params`` and
+        ``res.model_state`` (and an NNX module, in place) end at the best
+        evaluation, an Equinox module's ``res.params`` is the best module.
+        Checkpoints hold the last update's state as always (and the best
+        one); calling ``fit`` again with the NNX module so left resumes.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -273,6 +283,7 @@ def fit(
         ``step`` attribute is the update that saved state reached.
     """
     params_in, model_state_in = params, model_state
+    _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -281,56 +292,102 @@ def fit(
     checked, stream = _sources.open_data(
         data, key=key, accumulate=accumulate, epochs=epochs, steps_per_epoch=steps_per_epoch
     )
-    params, optimizer, lr, n, key, (loss_spec, aux_spec) = _checks.check_train_args(
+    params, optimizer, lr, n, key, output_spec = _checks.check_train_args(
         loss_fn, model.params, optimizer, checked, opt_state=opt_state, epochs=epochs, key=key,
         accumulate=accumulate, unroll=unroll, has_aux=has_aux, model_state=model_state, rng=rng,
         extended=model.extended, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
-    policy = _check_fit_settings(
+    policy = check_fit_settings(
         chunk_steps=chunk_steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         keep=keep, nan_policy=nan_policy, skip_nonfinite=skip_nonfinite, on_chunk=on_chunk,
         progress=progress, resume=resume, log_dir=log_dir,
     )  # fmt: skip
-    mesh, eval_data = _on_mesh(mesh, devices, checked, eval_data)
+    mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
-    per_epoch, total = n // accumulate, epochs * (n // accumulate)
-    chunk = _chunk_size(chunk_steps, checkpoint_every, total, (loss_spec, aux_spec))
+    total = epochs * (n // accumulate)
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in, model=model,
         updates=total,
     )  # fmt: skip
-    _checks.check_log_every(log_every, total, chunk)
+    step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, policy == "skip", model.extended)
+    state = initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
+    run = Run(
+        step=step, state=state, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
+        key=key, rng=rng, evaluation=evaluation, eval_data=eval_data, log_every=log_every,
+        mesh=mesh, policy=policy, output_spec=output_spec, finish=model.finish,
+        unroll=unroll, fingerprint={"accumulate": accumulate, "has_aux": has_aux,
+        **_checkpointer.eval_entries(evaluation, params, model_state, eval_data)},
+    )  # fmt: skip
+    state, history = execute(
+        run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
+        resume=resume,
+    )  # fmt: skip
+    _warn_if_all_skipped(policy, total, state)
+    result = history.result(state)
+    return model.finish(_adapters.at_best(result) if restore_best else result)
+
+
+class Run(NamedTuple):
+    """What a run of ``fit`` or ``fit_steps`` is, checked: the pieces ``execute`` wires."""
+
+    step: Any  # the step factory (_scan.Step): loss + optax, or the user's step
+    state: TrainState  # the initial carry, in fresh buffers (placed on the mesh)
+    data: Any  # the data as given (arrays, memmaps, an iterable), or None
+    checked: Any  # the data as _sources.open_data checked it (an iterable's first chunk)
+    stream: Any  # an iterable's stream, or None
+    n: int  # microbatches per epoch (steps with data=None)
+    epochs: int
+    key: Any
+    rng: Any
+    evaluation: Any  # _eval.EvalSpec or None
+    eval_data: Any
+    log_every: int | None
+    mesh: Any
+    policy: str  # the nan policy in force
+    output_spec: tuple  # shapes and dtypes of one update's (loss, aux)
+    finish: Callable  # TrainResult -> what the user gets (modules, StepsResult)
+    unroll: int = 1
+    fingerprint: dict | None = None  # more fingerprint entries (settings, eval program)
+
+
+def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir,
+            checkpoint_every, keep, resume) -> tuple[TrainState, History]:  # fmt: skip
+    """Runs ``run`` in compiled chunks with the observers; returns the last carry and the
+    history. Shared by ``fit`` and ``fit_steps``: one driver for every form."""
+    accumulate = run.step.accumulate
+    per_epoch, total = run.n // accumulate, run.epochs * (run.n // accumulate)
+    chunk = _chunk_size(chunk_steps, checkpoint_every, total, run.output_spec)
+    _checks.check_log_every(run.log_every, total, chunk)
     source = _sources.make_source(
-        data, stream, key=key, n=n, accumulate=accumulate, mesh=mesh,
+        run.data, run.stream, key=run.key, n=run.n, accumulate=accumulate, mesh=run.mesh,
         track=checkpoint_dir is not None,
     )  # fmt: skip
-    state = _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
-    history = _history(
-        loss_spec, aux_spec, evaluation, (params, model_state, eval_data), log_every, total
-    )
+    history = _history(*run.output_spec, run.evaluation, run.state, run.eval_data,
+                       run.log_every, total)  # fmt: skip
     program = _driver.Program(
-        policy=policy, total=total, chunk=chunk, evaluation=evaluation, eval_data=eval_data,
-        log_every=log_every, loss_fn=loss_fn, optimizer=optimizer, accumulate=accumulate,
-        has_aux=has_aux, unroll=unroll, skip_nonfinite=policy == "skip",
-        extended=model.extended, rng=rng,
+        policy=run.policy, total=total, chunk=chunk, evaluation=run.evaluation,
+        eval_data=run.eval_data, log_every=run.log_every, step=run.step, unroll=run.unroll,
+        rng=run.rng,
     )  # fmt: skip
+    state = run.state
     with contextlib.ExitStack() as stack:
         saver = None
         if checkpoint_dir is not None:
             saver = stack.enter_context(_checkpointer.Checkpointer(
                 _checkpoint_dir.check_path(checkpoint_dir), keep=keep, every=checkpoint_every,
-                per_epoch=per_epoch, source=source, finish=model.finish,
+                per_epoch=per_epoch, source=source, finish=run.finish,
             ))  # fmt: skip
             fingerprint = functools.partial(
-                _checkpointer.fingerprint_of, loss_fn, optimizer, state, checked, stream,
-                extended=model.extended, key=key, rng=rng, accumulate=accumulate,
-                has_aux=has_aux, nan_policy=policy, log_every=log_every,
-                **_checkpointer.eval_entries(evaluation, params, model_state, eval_data),
+                _checkpointer.fingerprint_of, run.step, state, run.checked, run.stream,
+                key=run.key, rng=run.rng, nan_policy=run.policy, log_every=run.log_every,
+                **(run.fingerprint or {}),
             )  # fmt: skip
             state, history = saver.open(
-                fingerprint, state, history, resume=resume, total=total, epochs=epochs, mesh=mesh
-            )
+                fingerprint, state, history, resume=resume, total=total, epochs=run.epochs,
+                mesh=run.mesh,
+            )  # fmt: skip
         observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
                               on_chunk=on_chunk)  # fmt: skip
         try:
@@ -339,12 +396,11 @@ def fit(
                 per_epoch=per_epoch,
             )  # fmt: skip
         except (_driver.Diverged, _sources.DataExhausted) as err:
-            raise _run_error(err, history, model, checkpoint_dir, accumulate) from None
-    _warn_if_all_skipped(policy, total, state)
-    return model.finish(history.result(state))
+            raise _run_error(err, history, run.finish, checkpoint_dir, accumulate) from None
+    return state, history
 
 
-def _on_mesh(mesh, devices, data, eval_data):
+def on_mesh(mesh, devices, data, eval_data):
     """The mesh to train on (or None), and eval_data replicated over it."""
     mesh = _parallel.make_mesh(mesh, devices)
     if mesh is not None:
@@ -365,7 +421,7 @@ def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
     return observers
 
 
-def _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
+def initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
     """The first carry: fresh buffers, the evaluation bookkeeping, replicated over a mesh."""
     state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
     if evaluation is not None:
@@ -373,13 +429,13 @@ def _initial_state(params, opt_state, model_state, optimizer, evaluation, eval_d
     return state if mesh is None else _parallel.put_replicated(state, mesh)
 
 
-def _history(loss_spec, aux_spec, evaluation, example, log_every, total) -> History:
+def _history(loss_spec, aux_spec, evaluation, state, eval_data, log_every, total) -> History:
     """An empty history of the run: losses (or log-group means), aux, evaluations."""
     every = None if evaluation is None else evaluation.every
     log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
     sizes = (total // (log_every or 1), _eval.layout(0, total, every, total).evaluations)
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    empty = _empty_metrics(evaluation, *example)
+    empty = _empty_metrics(evaluation, state.params, state.model_state, eval_data)
     return History(np.zeros((0,), log_dtype), empty_aux, evaluation, sizes, empty, log_every, total)
 
 
@@ -399,12 +455,12 @@ def _empty_metrics(evaluation, params, model_state, eval_data) -> dict | None:
     return {**empty, "step": np.zeros((0,), np.int32)}
 
 
-def _run_error(err, history: History, model, checkpoint_dir, accumulate) -> Exception:
+def _run_error(err, history: History, finish, checkpoint_dir, accumulate) -> Exception:
     """The user's error for a run that ended early: a divergence, or an iterable run dry.
 
     The last good state is attached in the user's terms (and was checkpointed).
     """
-    state = model.finish(history.result(err.state))
+    state = finish(history.result(err.state))
     where = f" and saved in {str(checkpoint_dir)!r}" if checkpoint_dir is not None else ""
     if isinstance(err, _sources.DataExhausted):
         step = int(_driver._host(err.state.step))

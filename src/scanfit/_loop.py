@@ -1,26 +1,27 @@
-"""The general training loop as one XLA program: pure, jittable, vmappable.
+"""Loss + optax: the step factory behind ``scan_train``, ``fit`` and ``sweep``.
 
-Layout of the program: an outer ``lax.scan`` over epochs and an inner one over
-updates; an update is one optimizer step on the mean gradient of ``accumulate``
-consecutive microbatches, themselves an innermost scan. Per-update outputs are
-the scalar loss (and the user's ``aux``), so memory stays small whatever N is.
+An update is one optimizer step on the mean gradient of ``accumulate``
+consecutive microbatches, themselves an innermost scan (``make_update``,
+wrapped as the static ``OptaxStep``). The scan around it, epochs, evaluation
+and logging are the core's (``_scan``), shared with the user's own steps
+(``scan_steps``). Pure, jittable, vmappable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _adapters, _checks, _eval, _xla_cpu
+from scanfit import _adapters, _checks, _eval, _scan, _xla_cpu
 from scanfit._conv import canonical_convs
-
-PyTree = Any
+from scanfit._scan import PyTree, TrainState, all_finite, init_state
 
 
 class TrainResult(NamedTuple):
@@ -45,37 +46,6 @@ class TrainResult(NamedTuple):
     #   best evaluation; -1 if none improved
     stopped_at: jax.Array | None = None  # with eval_fn: shape=(), int32, the update count
     #   at which early stopping (patience) ended the run; -1 if it ran to the end
-
-
-class TrainState(NamedTuple):
-    """The scan carry."""
-
-    params: PyTree
-    opt_state: PyTree
-    model_state: PyTree  # carried through every microbatch, never differentiated; or None
-    step: jax.Array  # shape=(), int32: updates done so far (over the whole run in fit)
-    skipped: jax.Array  # shape=(), int32
-    first_nonfinite: jax.Array  # shape=(), int32, -1 if none
-    evaluation: _eval.EvalState | None = None  # best state, patience, stop; None without eval_fn
-
-
-def init_state(
-    params: PyTree, opt_state: PyTree, model_state: PyTree = None, evaluation=None
-) -> TrainState:
-    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the carry is donated)
-    return TrainState(
-        params, opt_state, model_state, zero(), zero(), jnp.full((), -1, jnp.int32), evaluation
-    )
-
-
-def _all_finite(tree: PyTree) -> jax.Array:
-    """Whether every inexact leaf is finite (integer counters and PRNG keys always are)."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
 def _loss_and_grad(loss_fn: Callable, *, has_aux: bool, extended: bool) -> Callable:
@@ -169,9 +139,9 @@ def make_update(
             # Skipping must not let a non-finite gradient into params or optimizer state.
             ok = (
                 jnp.isfinite(loss)
-                & _all_finite(grads)
-                & _all_finite(params)
-                & _all_finite(model_state)
+                & all_finite(grads)
+                & all_finite(params)
+                & all_finite(model_state)
             )
             params = optax.tree_utils.tree_where(ok, params, state.params)
             opt_state = optax.tree_utils.tree_where(ok, opt_state, state.opt_state)
@@ -194,194 +164,6 @@ def make_update(
         return new_state, (loss, aux)
 
     return update
-
-
-def epoch_order(key: jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
-    """The microbatch order of ``epoch``: ``permutation(fold_in(key, epoch), n)``."""
-    return jax.random.permutation(jax.random.fold_in(key, epoch), n)
-
-
-def group(data: PyTree, accumulate: int) -> PyTree:
-    """Reshape leaves from (N, ...) to (N // accumulate, accumulate, ...); as is for 1.
-
-    Without accumulation the data is scanned as it is: a reshape to (N, 1, ...)
-    made XLA copy the whole dataset before the loop.
-    """
-    if accumulate == 1:
-        return data
-    return jax.tree.map(
-        lambda a: a.reshape(a.shape[0] // accumulate, accumulate, *a.shape[1:]), data
-    )
-
-
-def gathering(update, data: PyTree):
-    """A scan body that takes microbatch indices (accumulate,), or one index, and gathers."""
-
-    def body(state, idx):
-        return update(state, jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data))
-
-    return body
-
-
-def run_epochs(
-    update, state: TrainState, data: PyTree, *, key, epochs: int, accumulate: int, unroll: int
-):
-    """Runs ``epochs`` passes over ``data`` as a nested scan; returns (state, (losses, aux))."""
-    n = jax.tree.leaves(data)[0].shape[0]
-
-    if key is None:
-        xs = group(data, accumulate)
-
-        def epoch(state, _):
-            return lax.scan(update, state, xs, unroll=unroll)
-    else:
-
-        def epoch(state, e):
-            order = group(epoch_order(key, e, n), accumulate)
-            return lax.scan(gathering(update, data), state, order, unroll=unroll)
-
-    state, (losses, aux) = lax.scan(epoch, state, jnp.arange(epochs, dtype=jnp.int32))
-    flatten = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
-    return state, (flatten(losses), jax.tree.map(flatten, aux))
-
-
-def run_laid_out(body, state: TrainState, lay, xs, expand, example, *, evaluation, eval_data,
-                 log_every, unroll):  # fmt: skip
-    """Runs updates laid out in pieces that end at evaluations (see ``_eval``).
-
-    ``body(state, x)`` is one update; ``xs`` the pieces' inputs, which
-    ``expand(piece_xs, length)`` turns into the ``length`` per-update inputs of a
-    piece; ``example`` one per-update input (for shapes). Returns
-    ``(state, losses, aux, metrics)``; with ``log_every`` losses and aux are
-    means over groups of ``log_every`` updates.
-    """
-    log = None
-    if log_every is not None:
-        count = lay.head + lay.n_full * lay.every + lay.tail
-        loss_spec, aux_spec = jax.eval_shape(body, state, example)[1]
-        log = _eval.init_log(state, -(-count // log_every), loss_spec, aux_spec)
-    step = _eval.logging(body, log_every)
-
-    def run_piece(carry, piece_xs, length):
-        return lax.scan(step, carry, expand(piece_xs, length), unroll=unroll)
-
-    (state, log), outs, metrics = _eval.run_pieces(
-        (state, log), lay, xs, run_piece, evaluation, eval_data
-    )
-    losses, aux = outs if log is None else _eval.log_means(log)
-    return state, losses, aux, metrics
-
-
-def _split(xs: PyTree, lay) -> tuple[PyTree, PyTree, PyTree]:
-    """Per-update inputs (leading axis: the updates) as (head, whole intervals, tail)."""
-    h, full = lay.head, lay.n_full * lay.every
-    return (
-        jax.tree.map(lambda a: a[:h], xs),
-        jax.tree.map(lambda a: a[h : h + full].reshape(lay.n_full, lay.every, *a.shape[1:]), xs),
-        jax.tree.map(lambda a: a[h + full :], xs),
-    )
-
-
-def _chunk_scan(update, data: PyTree, idx):
-    """``(body, xs)`` to scan a chunk: over its own microbatches, or gathering by index."""
-    return (update, data) if idx is None else (gathering(update, data), idx)
-
-
-def run_chunk(
-    loss_fn,
-    optimizer,
-    state: TrainState,
-    data: PyTree,
-    idx,
-    rng=None,
-    eval_data=None,
-    *,
-    accumulate: int,
-    has_aux: bool,
-    unroll: int,
-    skip_nonfinite: bool,
-    extended: bool = False,
-    evaluation: _eval.EvalSpec | None = None,
-    layout: _eval.Layout | None = None,
-    log_every: int | None = None,
-):
-    """A run of updates, as ``fit`` compiles it per chunk.
-
-    With ``idx`` (int32, shape (C, accumulate), or (C,) without accumulation)
-    update i gathers microbatches ``idx[i]`` from ``data`` (leaves (N, ...));
-    with ``idx=None``, ``data`` already holds the chunk's microbatches, leaves
-    (C, accumulate, ...), or (C, ...) without accumulation.
-    With ``evaluation``, ``layout`` (``_eval.layout`` of the chunk's updates in the
-    run) says where evaluations fall, so a chunk boundary never moves one.
-    Returns ``(state, losses, aux, state_finite, metrics)``: ``state_finite`` is a
-    scalar bool, all of the params, optimizer state and model state finite,
-    computed in the graph once per chunk, so the host reads one flag instead of
-    walking the state (an infinite Adam ``nu`` leaves params finite but frozen:
-    it must count); ``metrics`` are the chunk's evaluations (None without), as
-    ``TrainResult.metrics``.
-    """
-    body, xs = _chunk_scan(
-        make_update(loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux,
-                    skip_nonfinite=skip_nonfinite, extended=extended, rng=rng),
-        data, idx,
-    )  # fmt: skip
-    if evaluation is None and log_every is None:
-        state, (losses, aux) = lax.scan(body, state, xs, unroll=unroll)
-        metrics = None
-    else:
-        count = jax.tree.leaves(xs)[0].shape[0]
-        lay = layout if evaluation is not None else _eval.layout(0, count, None, count)
-        state, losses, aux, metrics = run_laid_out(
-            body, state, lay, _split(xs, lay), lambda x, _: x,
-            jax.tree.map(lambda a: a[0], xs), evaluation=evaluation, eval_data=eval_data,
-            log_every=log_every, unroll=unroll,
-        )  # fmt: skip
-    finite = _all_finite((state.params, state.opt_state, state.model_state))
-    return state, losses, aux, finite, metrics
-
-
-def finite_per_update(
-    loss_fn,
-    optimizer,
-    state: TrainState,
-    data: PyTree,
-    idx,
-    rng=None,
-    *,
-    accumulate: int,
-    has_aux: bool,
-    unroll: int,
-    skip_nonfinite: bool,
-    extended: bool = False,
-) -> jax.Array:
-    """Re-runs a chunk as ``run_chunk`` does, recording which updates stayed finite.
-
-    Returns a bool array of shape (C,): update i's loss, new params and new
-    optimizer state all finite. For the host's divergence search only: the
-    per-update walk over the state is what ``run_chunk`` avoids.
-    """
-    update = make_update(
-        loss_fn, optimizer, accumulate=accumulate, has_aux=has_aux,
-        skip_nonfinite=skip_nonfinite, extended=extended, rng=rng,
-    )  # fmt: skip
-
-    def flagged(state, microbatches):
-        state, (loss, _) = update(state, microbatches)
-        finite = _all_finite((state.params, state.opt_state, state.model_state))
-        return state, jnp.isfinite(loss) & finite
-
-    body, xs = _chunk_scan(flagged, data, idx)
-    return lax.scan(body, state, xs, unroll=unroll)[1]
-
-
-def update_rows(u: jax.Array, key_orders: jax.Array | None, n: int, accumulate: int):
-    """The microbatch rows of update ``u`` of a run, as ``run_epochs`` visits them.
-
-    Microbatch ``m`` of the run (over all epochs) is row ``m % n``, or with a shuffle
-    key row ``key_orders[m]``, the epochs' orders concatenated.
-    """
-    m = u * accumulate + (jnp.arange(accumulate, dtype=jnp.int32) if accumulate > 1 else 0)
-    return m % n if key_orders is None else key_orders[m]
 
 
 def result_of(state: TrainState, losses, aux, metrics, evaluation) -> TrainResult:
@@ -407,6 +189,25 @@ def result_of(state: TrainState, losses, aux, metrics, evaluation) -> TrainResul
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OptaxStep:
+    """The step factory of ``scan_train``, ``fit`` and ``sweep``: a loss and an optax
+    optimizer (see ``make_update``). Static: equal settings, one compiled program."""
+
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation
+    accumulate: int = 1
+    has_aux: bool = False
+    skip_nonfinite: bool = False
+    extended: bool = False
+
+    def __call__(self, rng: jax.Array | None = None):
+        return make_update(
+            self.loss_fn, self.optimizer, accumulate=self.accumulate, has_aux=self.has_aux,
+            skip_nonfinite=self.skip_nonfinite, extended=self.extended, rng=rng,
+        )  # fmt: skip
+
+
 def train(
     loss_fn,
     params,
@@ -430,45 +231,13 @@ def train(
     """The whole run, unjitted: scan_train compiles it, sweep vmaps it."""
     if opt_state is None:
         opt_state = optimizer.init(params)
-    update = make_update(
-        loss_fn,
-        optimizer,
-        accumulate=accumulate,
-        has_aux=has_aux,
-        skip_nonfinite=skip_nonfinite,
-        extended=extended,
-        rng=rng,
-    )
+    step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, skip_nonfinite, extended)
     state = init_state(params, opt_state, model_state)
-    if evaluation is None and log_every is None:  # the plain nested scan over epochs
-        state, (losses, aux) = run_epochs(
-            update, state, data, key=key, epochs=epochs, accumulate=accumulate, unroll=unroll
-        )
-        return result_of(state, losses, aux if has_aux else None, None, None)
     if evaluation is not None:
         state = state._replace(evaluation=_eval.init(evaluation, params, model_state, eval_data))
-    # Updates are addressed by their number in the run, so pieces may cross epochs.
-    n = jax.tree.leaves(data)[0].shape[0]
-    total = epochs * n // accumulate
-    orders = None
-    if key is not None:  # 4 bytes per microbatch of the run, as run_epochs computes them
-        epochs_ = jnp.arange(epochs, dtype=jnp.int32)
-        orders = jax.vmap(lambda e: epoch_order(key, e, n))(epochs_).reshape(-1)
-
-    def body(state, u):
-        rows = update_rows(u, orders, n, accumulate)
-        return update(state, jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data))
-
-    lay = _eval.layout(0, total, evaluation.every if evaluation else None, total)
-    firsts = (
-        jnp.int32(0),
-        lay.head + lay.every * jnp.arange(lay.n_full, dtype=jnp.int32),
-        jnp.int32(lay.head + lay.n_full * lay.every),
-    )
-    expand = lambda first, length: first + jnp.arange(length, dtype=jnp.int32)  # noqa: E731
-    state, losses, aux, metrics = run_laid_out(
-        body, state, lay, firsts, expand, jnp.int32(0), evaluation=evaluation,
-        eval_data=eval_data, log_every=log_every, unroll=unroll,
+    state, losses, aux, metrics = _scan.run(
+        step, state, data, key, rng, eval_data, epochs=epochs, unroll=unroll,
+        evaluation=evaluation, log_every=log_every,
     )  # fmt: skip
     return result_of(state, losses, aux if has_aux else None, metrics, evaluation)
 
@@ -555,6 +324,7 @@ def scan_train(
     best: tuple[str, str] | None = None,
     patience: int | None = None,
     log_every: int | None = None,
+    restore_best: bool = False,
 ) -> TrainResult:
     """Trains ``params`` on every microbatch of ``data`` in one XLA program.
 
@@ -619,6 +389,12 @@ def scan_train(
         updates, summed in the carry instead of stacked per update; it must
         divide the number of updates. After an early stop, a group's mean is over
         the updates done in it, NaN for a group with none.
+      restore_best: with ``best``, end at the best evaluation (Keras's
+        ``restore_best_weights``): ``res.params`` and ``res.model_state`` are
+        ``res.best_params`` and ``res.best_model_state`` (the initial ones if no
+        evaluation improved), an NNX module passed as ``params`` is left at
+        that state, an Equinox module's ``res.params`` is the best module.
+        ``res.opt_state`` stays that of the last update.
 
     Calls with the same ``loss_fn`` and ``optimizer`` objects and the same
     shapes reuse the compiled program. Build the optimizer once: writing
@@ -643,7 +419,8 @@ def scan_train(
         evaluation argument without ``eval_fn`` (or ``eval_fn`` without
         ``eval_data``), ``eval_fn`` not returning a dict of scalars, ``best``
         not naming one of its metrics with ``"min"`` or ``"max"``, ``patience``
-        without ``best``, ``log_every`` not dividing the updates.
+        or ``restore_best=True`` without ``best``, ``log_every`` not dividing
+        the updates.
       TypeError: ``optimizer`` neither an optax transformation nor a number,
         ``key`` or ``rng`` not a PRNG key, params not floating, ``loss_fn``
         not callable, a Flax ``TrainState`` as params.
@@ -673,6 +450,7 @@ def scan_train(
       [40, 80, 120, -1]
     """
     params_in = params
+    _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
         loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux,
@@ -721,4 +499,4 @@ def scan_train(
         evaluation=evaluation,
         log_every=log_every,
     )
-    return model.finish(result)
+    return model.finish(_adapters.at_best(result) if restore_best else result)

@@ -28,7 +28,7 @@ import numpy as np
 
 from scanfit import _checks, _parallel
 from scanfit._errors import CheckpointMismatchError
-from scanfit._loop import epoch_order
+from scanfit._scan import epoch_order
 
 PyTree = Any
 
@@ -119,6 +119,17 @@ class ArraySource:
 
     def close(self) -> None:
         """Nothing held."""
+
+
+class NoDataSource(ArraySource):
+    """No data: a step that makes its own (``fit_steps`` with ``data=None``). Each chunk's
+    input is only its steps' count: ``(None, idx)``, every step getting ``batch=None``."""
+
+    def __init__(self):
+        self.mesh = None
+
+    def inputs(self, start: int, count: int):
+        return None, jax.device_put(np.arange(start, start + count, dtype=np.int32))
 
 
 class DataExhausted(Exception):
@@ -507,6 +518,8 @@ def open_data(data, *, key, accumulate, epochs, steps_per_epoch):
 
 def make_source(data, stream, *, key, n: int, accumulate: int, mesh, track: bool):
     """The source ``fit`` draws chunks from; ``track``: the run checkpoints."""
+    if data is None:
+        return NoDataSource()
     if stream is None:
         return ArraySource(data, key, n, accumulate, mesh)
     stream.mesh, stream.track = mesh, track

@@ -76,6 +76,7 @@ _STATIC = (
     "shuffle_per_seed",
     "evaluation",
     "log_every",
+    "reseed",
 )
 
 
@@ -88,7 +89,7 @@ def _sweep_jit(
     make_optimizer,
     data,
     hparams,
-    keys,
+    seeds,
     key,
     opt_state,
     model_state,
@@ -96,21 +97,25 @@ def _sweep_jit(
     eval_data,
     *,
     shuffle_per_seed,
+    reseed,
     **settings,
 ):
-    def one(hp, seed_key, rng):
-        if seed_key is None:
+    def one(hp, seed, rng):
+        if seed is None:
             init_key = shuffle_key = None
         else:
-            init_key, shuffle_key = jax.random.split(seed_key)
-        p = init(init_key) if init is not None else params
+            init_key, shuffle_key = jax.random.split(jax.random.key(seed))
+        p, ms = params, model_state
+        if init is not None:  # an InitSplit: a module it returns carries its own state
+            p, own = init(init_key)
+            ms = model_state if own is None else own
+        if reseed is not None:  # an NNX module's RNG streams, fold_in(key, seed)
+            ms = reseed(ms, seed)
         k = shuffle_key if shuffle_per_seed else key
         optimizer = make_optimizer(**hp)
-        return train(
-            loss_fn, p, optimizer, data, opt_state, k, model_state, rng, eval_data, **settings
-        )
+        return train(loss_fn, p, optimizer, data, opt_state, k, ms, rng, eval_data, **settings)
 
-    return jax.vmap(one)(hparams, keys, rngs)
+    return jax.vmap(one)(hparams, seeds, rngs)
 
 
 def sweep(
@@ -145,9 +150,11 @@ def sweep(
     Args:
       loss_fn, data, opt_state, epochs, accumulate, has_aux, unroll,
         skip_nonfinite: as for ``scan_train``.
-      params: the initial params shared by every config, or a function
-        ``init(key) -> params`` called with each config's init key (needs
-        ``seeds``).
+      params: the initial params shared by every config (a Flax NNX or
+        Equinox module included), or a function ``init(key) -> params`` called
+        with each config's init key (needs ``seeds``); it may return an NNX
+        or Equinox module, then config ``i`` is the run of ``init(init_key_i)``
+        as ``scan_train`` trains that module.
       make_optimizer: builds an optax transformation from one config's
         hyper-parameters, e.g. ``lambda learning_rate: optax.adam(learning_rate)``;
         the values it gets are traced scalars.
@@ -161,7 +168,15 @@ def sweep(
         config starts from ``model_state`` and carries its own. Every config
         uses ``rng``, or with ``seeds`` config ``i`` uses
         ``jax.random.fold_in(rng, seeds[i])``. An NNX module passed as
-        ``params`` is left as it is (``res.params`` holds K trained states).
+        ``params`` is left as it is (``res.params`` holds K trained states);
+        it carries its own randomness, so with ``seeds`` config ``i`` reseeds
+        its RNG streams the same way: every ``nnx.RngKey`` variable's key ``k``
+        becomes ``jax.random.fold_in(k, seeds[i])`` (stream counters and other
+        state unchanged), so configs draw different dropout masks. Config ``i``
+        equals ``scan_train`` of the module reseeded as
+        ``nnx.update(model, jax.tree.map(lambda k: jax.random.fold_in(k, seeds[i]),
+        nnx.state(model, nnx.RngKey)))``. (A module returned by ``init`` is not
+        reseeded: ``init`` gets its key from the seed already.)
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``. Every config keeps its own best state and stops on its
         own; under ``vmap`` the skipping ``lax.cond`` is a select, so a stopped
@@ -199,14 +214,20 @@ def sweep(
             "params is an init function: pass seeds=[...] (one per config) to give "
             "each config its init key."
         )
-    params_in, model_state_in = params, model_state
     hp = {n: np.asarray(v) for n, v in hparams.items()}
-    keys = None if seeds is None else jax.vmap(jax.random.key)(np.asarray(seeds))
+    seeds = None if seeds is None else np.asarray(seeds)
+    example_params = params
+    if init is not None:  # what init returns, as zeros of its shapes: a module is adapted
+        example_params, init = _adapters.init_example(init, jax.random.key(seeds[0]))
+    params_in, model_state_in = example_params, model_state
     model = _adapters.adapt(
-        loss_fn, params, model_state=_checks.check_model_state(model_state), rng=rng,
+        loss_fn, example_params, model_state=_checks.check_model_state(model_state), rng=rng,
         has_aux=has_aux, update_module=False,
     )  # fmt: skip
-    loss_fn, params, model_state = model.loss_fn, model.params, model.model_state
+    loss_fn, example_params, model_state = model.loss_fn, model.params, model.model_state
+    reseed = None
+    if seeds is not None and _adapters._module_of("nnx", params):
+        reseed = _adapters.reseed_nnx
     _checks.check_key(rng, "rng")
     if rng is None:
         rngs = None
@@ -217,9 +238,6 @@ def sweep(
     # Check one config as scan_train would, on abstract values: errors come before tracing.
     first = {n: v[0] for n, v in hp.items()}
     example_opt = make_optimizer(**first)
-    example_params = jax.eval_shape(init, keys[0]) if init is not None else params
-    if init is not None:
-        example_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example_params)
     _, _, _, n, _, loss_spec = _checks.check_train_args(
         loss_fn,
         example_params,
@@ -249,18 +267,17 @@ def sweep(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in,
-        model=model._replace(params=example_params), updates=epochs * n // accumulate,
+        model=model, updates=epochs * n // accumulate,
     )  # fmt: skip
-    if init is None:
-        params = _checks.check_params(params)
+    params = None if init is not None else _checks.check_params(example_params)
     result = _sweep_jit(
         loss_fn,
         init,
-        None if init is not None else params,
+        params,
         make_optimizer,
         data,
         hp,
-        keys,
+        seeds,
         key,
         opt_state,
         model_state,
@@ -275,6 +292,7 @@ def sweep(
         extended=model.extended,
         evaluation=evaluation,
         log_every=log_every,
+        reseed=reseed,
     )
     return model.finish(result)
 
