@@ -18,9 +18,7 @@ from scanfit import _xla_cpu
 
 
 def test_cpu_options_are_the_scheduler_flag_on_cpu_and_nothing_elsewhere():
-    assert _xla_cpu.cpu_options("cpu") == {
-        "xla_cpu_enable_concurrency_optimized_scheduler": False
-    }
+    assert _xla_cpu.cpu_options("cpu") == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
     assert _xla_cpu.cpu_options("gpu") == {} and _xla_cpu.cpu_options("tpu") == {}
     assert _xla_cpu.cpu_options() == _xla_cpu.cpu_options(jax.default_backend())
     options = _xla_cpu.cpu_options("cpu")
@@ -102,3 +100,17 @@ def test_a_sweep_of_vmapped_loops_runs_to_completion_in_a_child_process():
         timeout=240,
     )
     assert "done (2, 150)" in out
+
+
+def test_jit_inside_another_jit_or_vmap_is_the_same_program():
+    # JAX refuses compiler_options on a jit staged into another: there it is plain.
+    def f(x):
+        return jax.lax.fori_loop(0, 3, lambda i, x: jnp.sin(x) + i, x)
+
+    x = jnp.linspace(0.0, 1.0, 8).reshape(2, 4)
+    ours = _xla_cpu.jit(f)
+    want = jax.jit(f)(x)
+    np.testing.assert_array_equal(jax.jit(ours)(x), want)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(ours))(x), jax.jit(jax.vmap(f))(x))
+    np.testing.assert_array_equal(jax.vmap(ours)(x), jax.jit(jax.vmap(f))(x))  # top level
+    np.testing.assert_array_equal(jax.lax.map(ours, x), jax.lax.map(jax.jit(f), x))

@@ -12,7 +12,11 @@ process, and other backends, compile as they always do.
 
 The backend is read when a program is first called (or lowered), not at
 import, so that ``jax.config`` (device counts, platforms) can still be set
-after ``import scanfit``.
+after ``import scanfit``. JAX takes ``compiler_options`` on top-level programs
+only: a call staged into an enclosing ``jax.jit`` (``jax.jit(jax.vmap(...))``
+of ``scan_steps``, say) compiles as part of that program, which the caller
+compiles, so it goes through a plain ``jax.jit``. Under ``jax.vmap`` or
+``jax.grad`` alone the program is still top-level and keeps the options.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+try:  # one check that the call is staged into an enclosing jit (or scan, cond...)
+    from jax._src.core import unsafe_am_i_under_a_jit as _staged
+except ImportError:  # pragma: no cover - another JAX: options at the top level only
+    from jax._src.core import trace_state_clean
+
+    def _staged() -> bool:
+        return not trace_state_clean()
+
 
 # XLA's DebugOptions field; an unknown name would fail the compile ("No such
 # compile option"), so a program that compiles has it applied.
@@ -54,14 +67,15 @@ class _Jit:
     def __init__(self, fun: Callable, kwargs: dict[str, Any]):
         self._fun = fun
         self._kwargs = kwargs
-        self._by_backend: dict[str, Any] = {}  # one jax.jit per backend, each with its cache
+        # One jax.jit per backend, each with its cache; "staged": inside another jit.
+        self._by_backend: dict[str, Any] = {}
         functools.update_wrapper(self, fun)
 
     def _jitted(self):
-        backend = jax.default_backend()
+        backend = "staged" if _staged() else jax.default_backend()
         jitted = self._by_backend.get(backend)
         if jitted is None:
-            options = cpu_options(backend) or None
+            options = None if backend == "staged" else cpu_options(backend) or None
             jitted = jax.jit(self._fun, compiler_options=options, **self._kwargs)
             self._by_backend[backend] = jitted
         return jitted
