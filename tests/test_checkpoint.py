@@ -53,6 +53,8 @@ def make_problem(seed=0):
 
 PARAMS, DATA = make_problem()
 ADAM = optax.adam(1e-3)
+
+
 def _step(loss_fn):
     """The step factory fit builds for a plain loss and ADAM."""
     return OptaxStep(loss_fn, ADAM)
@@ -191,6 +193,19 @@ def test_program_digest_ignores_function_names():
     assert _fingerprint.program_digest(texts[0]) == _fingerprint.program_digest(texts[1])
 
 
+def test_tree_digest_of_static_functions_ignores_their_addresses():
+    # As in flax's TrainState (tx, apply_fn): functions in the static part of a pytree.
+    def make(scale):
+        return lambda x: scale * x  # a new function object each time
+
+    a = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    b = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    assert str(jax.tree.structure(a)) != str(jax.tree.structure(b))  # "at 0x..." differs
+    assert _fingerprint.tree_digest(a) == _fingerprint.tree_digest(b)
+    other = jax.tree_util.Partial(mse, jnp.ones(3))
+    assert _fingerprint.tree_digest(a)["treedef"] != _fingerprint.tree_digest(other)["treedef"]
+
+
 _DIGEST_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -206,9 +221,7 @@ _DIGEST_SCRIPT = textwrap.dedent(
 
 def test_program_digest_is_the_same_in_another_process():
     state = _fit._fresh_state(PARAMS, None, None, optimizer=ADAM)
-    here = _fingerprint.program_digest(
-        _checkpointer._update_program(_step(mse), state, DATA, None)
-    )
+    here = _fingerprint.program_digest(_checkpointer._update_program(_step(mse), state, DATA, None))
     script = _DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
