@@ -10,6 +10,7 @@ from pathlib import Path
 
 # Modules in benchmarks/ that define main(argv) -> exit code. Append new suites here.
 SUITES = ["seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv", "eval"]
+SUITES += ["steps"]
 
 
 def main(argv: list[str] | None = None) -> int:

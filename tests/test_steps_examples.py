@@ -201,3 +201,10 @@ def test_gan_example_learns_the_ring(gan):
     assert out["after"]["distance"] < 0.7 * out["before"]["distance"]
     assert np.isfinite(out["d_loss"]).all() and np.isfinite(out["g_loss"]).all()
     assert out["d_loss"].shape == (out["steps"],)
+
+
+@pytest.mark.slow
+def test_ppo_without_info_in_the_shuffle_is_the_same_run_bitwise(ppo_example, tiny, reference):
+    # The benchmark's faster vmapped variant: the loss never reads the rollout's info.
+    got = jax.jit(ppo_example.make_train({**tiny, "SHUFFLE_INFO": False}))(jax.random.PRNGKey(30))
+    assert_bitwise(got, reference)
