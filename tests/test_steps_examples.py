@@ -196,6 +196,7 @@ def test_gan_ema_fit_steps_in_chunks_equals_scan_steps_bitwise(gan, tmp_path):
     assert int(got.best_step) == int(want.best_step)
 
 
+@pytest.mark.slow
 def test_gan_example_learns_the_ring(gan):
     out = gan.main(quick=True)
     assert out["after"]["distance"] < 0.7 * out["before"]["distance"]
