@@ -5,10 +5,11 @@ under its "concurrency optimized" scheduler. A vmapped PPO program (gymnax
 CartPole, 4 seeds, rollouts and minibatch epochs nested in the update scan)
 once stalled under it in ``block_until_ready`` with every XLA thread idle, in
 5 of 5 tries; compiled without that scheduler it ran 8 of 8, with the same
-numbers (DESIGN.md). Later, 12 runs of such programs (examples/ppo_cartpole.py
-vmapped, with and without in-graph evaluation, 1 or 4 CPU devices) all
-finished either way, and the option changed neither their numbers nor their
-speed: it stays, as a guard that costs nothing. It is per program (a field of
+numbers (DESIGN.md). Later, 15 runs of such programs without the option
+(examples/ppo_cartpole.py vmapped over 4 seeds: the whole run, chunks of 100
+updates, with in-graph evaluation under lax.cond, PureJaxRL's own wrappers, 1
+or 4 CPU devices) all finished, and the option changed neither their numbers
+nor their speed: it stays, as a guard that costs nothing. It is per program (a field of
 XLA's DebugOptions passed as ``jax.jit(..., compiler_options=...)``), so
 scanfit sets it on its own loop programs and nowhere else: other programs in
 the process, and other backends, compile as they always do.
