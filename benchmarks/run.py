@@ -9,8 +9,22 @@ import time
 from pathlib import Path
 
 # Modules in benchmarks/ that define main(argv) -> exit code. Append new suites here.
-SUITES = ["seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv", "eval"]
-SUITES += ["steps"]
+SUITES = [
+    "seed",
+    "lowering",
+    "loop",
+    "fit",
+    "sources",
+    "sweep",
+    "models",
+    "peers",
+    "conv",
+    "eval",
+    "operations",
+    "restart",
+    "sharding",
+    "steps",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

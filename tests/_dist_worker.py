@@ -20,18 +20,24 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _parallel_problem import problem  # noqa: E402
 
 
-def main() -> None:
+def join(pid: int, port: int):
+    """Joins the other process; returns (loss, params, this process's half of the data, the
+    global mesh)."""
     # Set here, not at import: pytest imports this module when it collects doctests.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 2)
-    pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60
     )
     loss, params, (x, y) = problem()
     half = x.shape[1] // 2
     local = (x[:, pid * half : (pid + 1) * half], y[:, pid * half : (pid + 1) * half])
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    return loss, params, local, Mesh(np.array(jax.devices()), ("data",))
+
+
+def main() -> None:
+    pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    loss, params, local, mesh = join(pid, port)
     res = scanfit.fit(
         loss,
         params,

@@ -1,11 +1,14 @@
 """A training run for the fault tests, started as a subprocess and killed with SIGKILL.
 
-Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N] [--stateful] [--evaluated]
+Usage: python _fault_worker.py CHECKPOINT_DIR OUT.npz [--kill-in-save N [--at F]] [--stateful]
+    [--evaluated] [--skip]
 
 With --kill-in-save N the process SIGKILLs itself halfway through writing its
-N-th checkpoint (after part of the temporary file is on disk), a crash at the
-worst moment. Without it, it trains to the end, slowly enough to be killed
-from outside, and writes its final params and losses to OUT.npz.
+N-th checkpoint (after part of the temporary file is on disk; with --at F, the
+first fraction F of the whole file), a crash at the worst moment. Without it,
+it trains to the end, slowly enough to be killed from outside, and writes its
+final params and losses to OUT.npz. --skip trains under nan_policy="skip" (a
+donated carry).
 """
 
 import os
@@ -19,6 +22,7 @@ import numpy as np
 import optax
 
 import scanfit
+from scanfit import _checkpoint
 
 N, B, D = 60, 8, 4
 
@@ -36,7 +40,7 @@ def problem():
     return loss, params, (x, y)
 
 
-def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False):
+def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False, skip=False):
     loss, params, data = problem()
     extended = {}
     if evaluated:  # in-graph evaluation on the first 10 microbatches, best state, patience
@@ -65,6 +69,7 @@ def train(checkpoint_dir, on_chunk=None, stateful=False, evaluated=False):
         keep=2,
         progress=False,
         on_chunk=on_chunk,
+        nan_policy="skip" if skip else None,
         **extended,
     )
 
@@ -74,23 +79,30 @@ def main() -> None:
     if "--kill-in-save" in sys.argv:
         nth = int(sys.argv[sys.argv.index("--kill-in-save") + 1])
         calls = {"n": 0}
-        real_savez = np.savez
+        real_write = _checkpoint._write_zip
 
-        def dying_savez(f, **arrays):
+        at = float(sys.argv[sys.argv.index("--at") + 1]) if "--at" in sys.argv else None
+
+        def dying_write(f, arrays, meta):  # runs on the save thread
             calls["n"] += 1
             if calls["n"] == nth:
-                f.write(b"PK\x03\x04 half a zip file")
+                if at is None:  # the start of a zip, then death
+                    f.write(b"PK\x03\x04 half a zip file")
+                else:  # the whole file written, cut at a fraction of its bytes, then death
+                    real_write(f, arrays, meta)
+                    f.truncate(int(f.tell() * at))
                 f.flush()
                 os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            real_savez(f, **arrays)
+            real_write(f, arrays, meta)
 
-        np.savez = dying_savez
+        _checkpoint._write_zip = dying_write
     res = train(
         ckpt,
         on_chunk=lambda info: time.sleep(0.05),
         stateful="--stateful" in sys.argv,
         evaluated="--evaluated" in sys.argv,
+        skip="--skip" in sys.argv,
     )
     np.savez(
         out,

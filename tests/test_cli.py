@@ -1,17 +1,19 @@
 """The `scanfit` command, through main(argv) and as a real subprocess."""
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import scanfit
-from scanfit import _cli, _data
+from scanfit import _cli, _compile_cache, _data
 from scanfit._cli import main
 
 
@@ -135,13 +137,20 @@ def test_json_schema(files, capsys, tmp_path):
         ("wall_time_s", float),
         ("updates_per_s", float),
         ("final_loss", float),
-        ("val_mse", float),
+        ("val_mse", float),  # after the last update
+        ("best_val_mse", float),
+        ("best_step", int),
+        ("eval_every", int),
+        ("evaluations", list),
         ("curve", list),
         ("final_losses", dict),
     ]:
         assert isinstance(summary[key], kind), key
     assert summary["updates"] == 30 and len(summary["curve"]) == 6
-    assert set(summary["curve"][0]) == {"step", "loss", "val_mse"}
+    assert set(summary["curve"][0]) == {"step", "loss"}
+    # Validation every epoch by default (Keras's convention): 15 updates per epoch.
+    assert summary["eval_every"] == 15
+    assert [e["step"] for e in summary["evaluations"]] == [15, 30]
 
 
 def test_quiet_prints_nothing(files, capsys):
@@ -177,7 +186,10 @@ def test_checkpoint_dir_resumes(files, capsys, tmp_path):
     again = json.loads((tmp_path / "s.json").read_text())
     assert again["final_loss"] == first["final_loss"]
     assert again["wall_time_s"] < first["wall_time_s"]  # nothing left to train
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[-1] == "ckpt-0000000045.npz"
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert [n for n in names if n.startswith("ckpt-")][-1] == "ckpt-0000000045.npz"
+    # The compilation cache is on by default under --checkpoint-dir.
+    assert any((tmp_path / "ckpt" / "compile-cache").glob("*-cache"))
 
 
 def test_sweep_prints_a_ranked_table(files, capsys, tmp_path):
@@ -386,7 +398,11 @@ def bad_files(tmp_path):
             "--batch-size 64 needs at least 64 training rows, the data has 16",
         ),
         (["--optimizer", "adamm"], "--optimizer adamm: not an optax optimizer taking a learning"),
-        (["--patience", "3"], "--patience 3 needs --eval-every N: patience counts evaluations"),
+        (
+            ["--patience", "3"],
+            "--patience 3 needs validation rows; give --val-fraction > 0 (built-in data holds "
+            "none out by default)",
+        ),
         (
             ["--data", "small.npz", "--eval-every", "5", "--val-fraction", "0"],
             "--eval-every 5 needs validation rows; give --val-fraction > 0",
@@ -563,8 +579,13 @@ BAD_INPUTS = [  # rejected by scanfit: one line
     (["--json", "adir"], "--json adir: is a directory"),
     (["--checkpoint-dir", "afile"], "--checkpoint-dir afile: exists and is not a directory"),
     (["--log-dir", "afile"], "--log-dir afile: exists and is not a directory"),
-    (["--patience", "3"], "--patience 3 needs --eval-every N"),
-    (["--data", "good.npz", "--patience", "3", "--lr", "0.1"], "--patience 3 needs --eval-every"),
+    (["--patience", "3"], "--patience 3 needs validation rows"),
+    (
+        ["--data", "good.npz", "--patience", "3", "--lr", "0.1,0.2"],
+        "--patience trains one configuration; give one --lr and one --seed",
+    ),
+    (["--compile-cache", "afile"], "--compile-cache afile: exists and is not a directory"),
+    (["--compile-cache", "cc", "--no-compile-cache"], "--compile-cache cc and --no-compile-cache"),
     (["--eval-every", "100"], "(built-in data holds none out by default)"),
     (["--data", "good.npz", "--eval-every", "5", "--val-fraction", "0"], "needs validation rows"),
     (
@@ -713,6 +734,93 @@ def test_ctrl_c_says_where_the_run_stopped_and_exits_130(
     assert code == 130 and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "checkpoint, step, message",
+    [
+        (
+            True,
+            40,
+            "scanfit: preempted (SIGTERM) at update 40; checkpoint saved in ck; run again to "
+            "resume\n",
+        ),
+        (False, 40, "scanfit: preempted (SIGTERM) at update 40; nothing saved (no --checkpoint"),
+    ],
+)
+def test_sigterm_in_training_says_where_the_run_stopped_and_exits_143(
+    checkpoint, step, message, files, capsys, monkeypatch
+):
+    def preempted_fit(*args, **kwargs):
+        raise scanfit.Preempted(step, kwargs["checkpoint_dir"])
+
+    monkeypatch.setattr(_cli, "fit", preempted_fit)
+    argv = ["train", "--data", files["reg_npz"]] + (
+        ["--checkpoint-dir", "ck"] if checkpoint else []
+    )
+    code, err = run_bad(argv, capsys)
+    assert code == 143 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_sigterm_outside_training_exits_143_in_one_line(files, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def load(path):  # the signal lands while the data is read
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # never reached: the handler raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(_data, "load", load)
+    argv = ["train", "--data", files["reg_npz"], "--checkpoint-dir", "ck"]
+    code, err = run_bad(argv, capsys)
+    assert code == 143, err
+    assert err == "scanfit: terminated (SIGTERM); checkpoints in ck are kept\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ([], None),
+        (["--checkpoint-dir", "ck"], "ck/compile-cache"),
+        (["--checkpoint-dir", "ck", "--compile-cache", "cc"], "cc"),
+        (["--checkpoint-dir", "ck", "--no-compile-cache"], None),
+        (["--compile-cache", "cc"], "cc"),
+    ],
+)
+def test_compile_cache_is_on_under_checkpoint_dir_unless_turned_off(
+    flags, want, files, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    used = []
+    real = _compile_cache.persistent
+
+    def persistent(path):
+        used.append(path)
+        return real(path)
+
+    monkeypatch.setattr(_compile_cache, "persistent", persistent)
+    code, _, err = run(["train", "--data", files["reg_npz"], "--epochs", "1", *flags], capsys)
+    assert code == 0, err
+    assert used[0] == (None if want is None else Path(want))
+
+
+def test_validation_every_epoch_by_default_reports_best_and_final(files, capsys, tmp_path):
+    argv = f"train --data {files['cls_npz']} --epochs 4 --lr 0.05 --json {tmp_path / 's.json'}"
+    code, out, _ = run(argv.split(), capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    steps = [e["step"] for e in summary["evaluations"]]
+    assert summary["eval_every"] == 15 and steps == [15, 30, 45, 60]  # 15 updates an epoch
+    best = max(summary["evaluations"], key=lambda e: e["val_accuracy"])  # first of ties
+    assert (summary["best_step"], summary["best_val_accuracy"]) == (
+        best["step"],
+        best["val_accuracy"],
+    )
+    # The final metric: the params after the last update, on the same rows.
+    assert summary["val_accuracy"] == pytest.approx(summary["evaluations"][-1]["val_accuracy"])
+    assert f"best val_accuracy {best['val_accuracy']:.4f} at update {best['step']}" in out
+    assert f"val_accuracy {summary['val_accuracy']:.4f}" in out
+
+
 def scanfit_cli(*argv, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "scanfit", "train", *map(str, argv)],
@@ -739,7 +847,11 @@ def test_bad_input_in_a_real_process_exits_2_without_traceback(argv, message):
 
 
 @pytest.mark.slow
-def test_sigint_saves_says_where_and_exits_130(files, tmp_path):
+@pytest.mark.parametrize(
+    "sig, code, what",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, r"preempted \(SIGTERM\)")],
+)
+def test_a_signal_saves_says_where_and_exits_without_traceback(files, tmp_path, sig, code, what):
     ckpt = tmp_path / "ck"
     argv = ["--data", files["reg_npz"], "--epochs", "1000000", "--chunk-steps", "500"]
     proc = scanfit_cli(*argv, "--checkpoint-dir", ckpt, "--quiet")
@@ -747,13 +859,15 @@ def test_sigint_saves_says_where_and_exits_130(files, tmp_path):
     while not list(ckpt.glob("*.npz")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     match = re.fullmatch(
-        rf"scanfit: interrupted at update (\d+); checkpoint saved in {re.escape(str(ckpt))}; "
+        rf"scanfit: {what} at update (\d+); checkpoint saved in {re.escape(str(ckpt))}; "
         r"run again to resume\n",
         err,
     )
     assert match, err
-    assert int(match.group(1)) > 0 and int(match.group(1)) % 500 == 0
+    step = int(match.group(1))
+    assert step > 0 and step % 500 == 0
+    assert max(int(p.stem.split("-")[1]) for p in ckpt.glob("ckpt-*.npz")) == step

@@ -68,3 +68,29 @@ def test_log_dir_must_be_a_path():
     data, _ = problem()
     with pytest.raises(TypeError, match=r"log_dir must be a non-empty path or None, got 3"):
         scanfit.fit(lambda p, b: jnp.sum(p["b"]), P0, 0.1, data, log_dir=3)
+
+
+def test_after_an_early_stop_the_last_chunk_record_ends_at_stopped_at_with_real_means(tmp_path):
+    data, eval_data = problem()
+    kw = dict(KW, eval_data=eval_data, best=("val_loss", "min"), patience=2,
+              log_dir=tmp_path / "log", checkpoint_dir=tmp_path / "c")  # fmt: skip
+    infos = []
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.3)  # stops at update 15
+    res = scanfit.fit(loss_aux, P0, opt, data, on_chunk=infos.append, **kw)
+    stop = int(res.stopped_at)
+    assert 0 < stop < 40 and stop % 8  # the stop falls inside a chunk
+    start = stop - stop % 8
+    chunks = [r for r in _metrics_log.read(tmp_path / "log") if r["kind"] == "chunk"]
+    last = chunks[-1]
+    assert last["step"] == stop == infos[-1].step
+    losses, sqrt = np.asarray(res.losses), np.asarray(res.aux["sqrt"])
+    assert np.isnan(sqrt[stop:]).all()  # the updates skipped after the stop
+    # Means over the updates done (float32 sums of a few terms: 1e-6 relative).
+    assert last["loss"] == pytest.approx(float(losses[start:stop].mean()), rel=1e-6)
+    assert last["sqrt"] == pytest.approx(float(sqrt[start:stop].mean()), rel=1e-6)
+    assert last["w0"] == pytest.approx(float(np.asarray(res.aux["w0"])[start:stop].mean()))
+    assert len(infos[-1].losses) == stop - start
+    before = (tmp_path / "log" / "metrics.jsonl").read_text()
+    again = scanfit.fit(loss_aux, P0, opt, data, **kw)  # the finished run, called again
+    assert int(again.stopped_at) == stop
+    assert (tmp_path / "log" / "metrics.jsonl").read_text() == before

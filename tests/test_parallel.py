@@ -1,8 +1,10 @@
 """Data parallelism on 4 fake CPU devices (conftest) and two real processes over 127.0.0.1."""
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -147,18 +149,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_like_one(tmp_path):
-    worker = Path(__file__).parent / "_dist_worker.py"
+def _pair(worker, *args):
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
-            [sys.executable, str(worker), str(pid), str(port), str(tmp_path)],
+            [sys.executable, str(worker), str(pid), str(port), *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for pid in (0, 1)
     ]
+
+
+def _wait(procs):
     outputs = []
     try:
         for p in procs:
@@ -168,8 +172,13 @@ def test_two_processes_train_together_like_one(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    worker = Path(__file__).parent / "_dist_worker.py"
+    for code, out in _wait(_pair(worker, tmp_path)):
+        assert code == 0, out[-3000:]
     loss, params, data = problem()
     one = adam_fit(loss, params, data)
     with np.load(tmp_path / "result.npz") as got:
@@ -190,3 +199,36 @@ def test_model_state_on_two_devices_equals_one_device():
     assert_close(two, one)
     np.testing.assert_allclose(two.model_state["mean"], one.model_state["mean"], rtol=RTOL)
     assert int(two.model_state["count"]) == int(one.model_state["count"]) == 48
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["service", "allgather"])
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, mode):
+    worker = Path(__file__).parent / "_dist_preempt_worker.py"
+    procs = _pair(worker, tmp_path, mode)
+    seen = []  # JAX and gloo log to the same pipe
+    while not seen or seen[-1] not in ("ready\n", ""):
+        seen.append(procs[0].stdout.readline())
+    assert seen[-1] == "ready\n", "".join(seen)
+    time.sleep(0.3)
+    procs[0].send_signal(signal.SIGTERM)  # the scheduler reclaims process 0's machine
+    for code, out in _wait(procs):
+        assert code == 3, out[-3000:]
+    stops = [(tmp_path / f"stop-{pid}").read_text().split() for pid in (0, 1)]
+    step = int(stops[0][0])
+    assert stops[0] == stops[1] and 0 < step < 240  # the same step on both
+    assert [s for s, _ in _checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == step
+    procs = _pair(worker, tmp_path, mode)  # both resume there and run to the end
+    for code, out in _wait(procs):
+        assert code == 0, out[-3000:]
+    loss, params, data = problem()
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded = jax.device_put(data, NamedSharding(mesh, PartitionSpec(None, "data")))
+    one = scanfit.fit(
+        loss, params, optax.adam(0.01), sharded, epochs=10, key=jax.random.key(0),
+        chunk_steps=4, mesh=mesh, progress=False,
+    )  # fmt: skip
+    with np.load(tmp_path / "result-0.npz") as got:
+        assert int(got["start"]) == step
+        np.testing.assert_allclose(got["losses"], one.losses, rtol=RTOL)
+        np.testing.assert_allclose(got["w"], one.params["w"].addressable_data(0), rtol=RTOL)

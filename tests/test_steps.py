@@ -1,5 +1,9 @@
 """scan_steps and fit_steps: the user's own step, against a Python loop of the same step."""
 
+import json
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,3 +331,115 @@ def test_fit_steps_of_a_vmapped_step_trains_each_configuration(x64):
         single = scanfit.scan_steps(sgd, (jnp.zeros(3), lrs[i]), data, epochs=2)
         _close(res.state[0][i], single.state[0], rtol=1e-10)
         _close(res.metrics["loss"][:, i], single.metrics["loss"], rtol=1e-10)
+
+
+def test_fit_steps_log_holds_the_step_metrics(tmp_path):
+    def walk(state, batch, rng):
+        return state + jax.random.normal(rng), {"position": state}
+
+    scanfit.fit_steps(walk, jnp.float32(0), steps=12, rng=jax.random.key(0), chunk_steps=4,
+                      log_dir=tmp_path)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert all("loss" not in r and "position" in r for r in records)  # no loss: none made up
+
+
+def test_fit_steps_sigterm_saves_and_the_rerun_resumes_bitwise(tmp_path):
+    state, opt_g, opt_d = _gan_like_state(np.random.randint(1 << 30))
+    step = _gan_step(opt_g, opt_d)
+    data = np.random.default_rng(1).normal(2.0, 0.5, (12, 16)).astype(np.float32)
+    kw = dict(epochs=2, chunk_steps=4, checkpoint_dir=tmp_path)
+    seen = []
+
+    def term(info):  # SIGTERM during the run, as a scheduler sends it
+        seen.append(info.step)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(scanfit.Preempted) as stop:
+        scanfit.fit_steps(step, state, data, on_chunk=term, **kw)
+    assert stop.value.step == 8 and seen == [4, 8]
+    resumed = scanfit.fit_steps(step, state, data, **kw)
+    whole = scanfit.scan_steps(step, state, data, epochs=2)
+    np.testing.assert_array_equal(np.asarray(resumed.state[0]), np.asarray(whole.state[0]))
+    np.testing.assert_array_equal(resumed.metrics["d_loss"], whole.metrics["d_loss"])
+
+
+def test_numpy_integers_and_nan_evaluations_in_the_step_form():
+    def walk(state, batch):
+        return state + 1.0, {"loss": state}
+
+    res = scanfit.scan_steps(walk, jnp.float32(0), steps=np.int64(6), log_every=np.int32(3))
+    assert res.metrics["loss"].tolist() == [1.0, 4.0]
+    with pytest.warns(RuntimeWarning, match="eval metric 'v' is nan at the evaluation after"):
+        scanfit.fit_steps(walk, jnp.float32(0), steps=6, eval_every=np.int64(2),
+                          eval_fn=lambda s, _: {"v": s * jnp.nan})  # fmt: skip
+
+
+def test_fit_steps_loggers_get_the_metrics_log_records(tmp_path):
+    class Tracker:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append((step, metrics))
+
+        def close(self):
+            self.rows.append("closed")
+
+    def walk(state, batch, rng):
+        return state + jax.random.normal(rng), {"position": state}
+
+    tracker = Tracker()
+    scanfit.fit_steps(walk, jnp.float32(0), steps=8, rng=jax.random.key(0), chunk_steps=4,
+                      log_dir=tmp_path, loggers=[tracker])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in tracker.rows[:-1]] == [r["step"] for r in records] == [4, 8]
+    assert tracker.rows[-1] == "closed"
+    for (_, sent), record in zip(tracker.rows, records):
+        assert sent == {"chunk/position": pytest.approx(record["position"])}
+
+
+def test_load_reads_a_fit_steps_checkpoint(tmp_path):
+    state, opt_g, opt_d = _gan_like_state(np.random.randint(1 << 30))
+    data = np.random.default_rng(2).normal(2.0, 0.5, (8, 16)).astype(np.float32)
+    res = scanfit.fit_steps(_gan_step(opt_g, opt_d), state, data, chunk_steps=4,
+                            checkpoint_dir=tmp_path)  # fmt: skip
+    loaded = scanfit.load(tmp_path, like=state)
+    assert loaded.step == 8
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(res.state)):
+        if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fit_steps_fsdp_shards_the_whole_state_and_equals_one_device(x64):
+    k1, k2 = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(k1, (6, 8, 64))
+    y = jnp.tanh(x @ jax.random.normal(k2, (64,)))
+    w = {"w1": 0.1 * jax.random.normal(k2, (64, 32)), "w2": jnp.zeros((32,))}
+    opt = optax.adam(0.01)
+
+    def step(state, batch):
+        params, opt_state = state
+        xb, yb = batch
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((jnp.tanh(xb @ p["w1"]) @ p["w2"]
+                                                          - yb) ** 2))(params)  # fmt: skip
+        updates, opt_state = opt.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    state = (w, opt.init(w))
+    one = scanfit.fit_steps(step, state, (x, y), epochs=2, chunk_steps=4)
+    per_device = []
+
+    def bytes_on_device0(info):
+        per_device.append(sum(s.data.nbytes for a in jax.tree.leaves(info.state)
+                              for s in a.addressable_shards if s.device == jax.devices()[0]))
+
+    sharded = scanfit.fit_steps(step, state, (x, y), epochs=2, chunk_steps=4, devices=4,
+                                param_sharding="fsdp", on_chunk=bytes_on_device0)  # fmt: skip
+    _close(sharded.state, one.state, rtol=1e-9)
+    total = sum(a.nbytes for a in jax.tree.leaves(state))
+    big = sum(a.nbytes for a in jax.tree.leaves(state) if a.size >= 1024)
+    assert per_device and max(per_device) <= (big / 4 + (total - big)) * 1.1
+    assert sharded.state[0]["w1"].sharding.spec != jax.sharding.PartitionSpec()

@@ -20,6 +20,7 @@ import contextlib
 import errno as errnos
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +95,7 @@ class CheckpointDir:
         self.differences: Callable[[dict[str, Any]], list[str]] = lambda meta: []
         self._verdicts: dict[Path, tuple[tuple, str]] = {}  # path -> (stat, _OURS or why not)
         self._lock_fd: int | None = None
+        self._pending: _Save | None = None  # the save in flight
         if writer:
             self._lock()
             try:
@@ -145,6 +147,10 @@ class CheckpointDir:
                 )
 
     def close(self) -> None:
+        """Waits for a save in flight (its error, if any, was or will never be raised:
+        ``wait`` raises it), then releases the lock."""
+        if self._pending is not None:
+            self._pending.thread.join()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
@@ -208,25 +214,50 @@ class CheckpointDir:
             stacklevel=4,
         )
 
-    def save(self, step: int, trees: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Writes a checkpoint, then removes this run's beyond the ``keep`` newest.
+    def start_save(
+        self, step: int, trees: Callable[[], dict[str, Any]], meta: dict[str, Any]
+    ) -> None:
+        """Starts writing a checkpoint on a host thread; ``wait`` for it to land.
+
+        At most one save is in flight: this first waits for the one before.
+        ``trees()`` (name -> pytree) runs on the thread, and may fetch device arrays
+        that stay valid until then. The thread writes to a temporary file only; the
+        rename makes it a checkpoint once it is whole and fsynced.
+
+        Raises:
+          CheckpointWriteError: the save before this one failed.
+        """
+        self.wait()
+        final = _checkpoint.path_for(self.path, step)
+        try:
+            if final.exists() and not self._is_ours(final):
+                self._set_aside(final)
+        except OSError as err:
+            raise _oserror(err, "save checkpoint", final) from None
+        self._pending = _Save(final, self.path, step, trees, meta)
+
+    def wait(self) -> Path | None:
+        """Waits for the save in flight (if any) to land, then removes this run's
+        checkpoints beyond the ``keep`` newest; returns the saved path.
 
         Raises:
           CheckpointWriteError: disk full, read-only, no permission...; the checkpoints
             already saved are intact.
         """
-        final = _checkpoint.path_for(self.path, step)
+        pending = self._pending
+        if pending is None:
+            return None
+        pending.thread.join()  # a Ctrl-C here leaves it pending: the next wait joins again
+        self._pending = None
         try:
-            if final.exists() and not self._is_ours(final):
-                self._set_aside(final)
-            _checkpoint.write(self.path, step, trees, meta)
-            self._verdicts[final] = (_stat(final), _OURS)
+            pending.raise_error()
+            self._verdicts[pending.path] = (_stat(pending.path), _OURS)
             ours = [p for _, p in _checkpoint.list_checkpoints(self.path) if self._is_ours(p)]
             for old in ours[: -self.keep]:
                 old.unlink(missing_ok=True)
         except OSError as err:
-            raise _oserror(err, "save checkpoint", final) from None
-        return final
+            raise _oserror(err, "save checkpoint", pending.path) from None
+        return pending.path
 
     def _set_aside(self, path: Path) -> None:
         """Renames a file that is not ours out of the way of the checkpoint we are saving."""
@@ -255,6 +286,30 @@ class CheckpointDir:
                 return False
             self._verdicts[path] = (_stat(path), _OURS)
         return self._verdicts[path][1] == _OURS
+
+
+class _Save:
+    """One checkpoint being written on a host thread (a daemon: a kill or an exit may
+    stop it at any byte, leaving a temporary file that is never loaded)."""
+
+    def __init__(self, path: Path, directory: Path, step: int, trees, meta):
+        self.path = path
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(directory, step, trees, meta), name="scanfit-save", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, directory: Path, step: int, trees, meta) -> None:
+        try:
+            _checkpoint.write(directory, step, trees(), meta)
+        except BaseException as err:  # handed to the caller by join
+            self.error = err
+
+    def raise_error(self) -> None:
+        """Raises what the (finished) thread raised, if anything."""
+        if self.error is not None:
+            raise self.error
 
 
 def _stat(path: Path) -> tuple:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel
+from scanfit import _checkpoint, _checkpoint_dir, _eval, _fingerprint, _parallel, _sharding
 from scanfit._driver import _chunk, _int
 from scanfit._errors import CheckpointMismatchError, CheckpointWriteError
 from scanfit._scan import PyTree, TrainState
@@ -29,10 +29,15 @@ _host = _parallel.to_host
 
 class Checkpointer:
     """Saves when ``every`` updates have passed since the last save (every chunk with
-    None), and at the end of the run, whatever ends it; one writer per directory."""
+    None), and at the end of the run, whatever ends it; one writer per directory.
+
+    Each save is written on a host thread while the next chunk computes (at most one
+    in flight); ``on_end`` returns once the last one landed. A failed save is raised
+    (``CheckpointWriteError``) at the next chunk boundary or at the end.
+    """
 
     def __init__(self, path: Path, *, keep: int, every: int | None, per_epoch: int, source,
-                 finish):  # fmt: skip
+                 finish, donated: bool = True):  # fmt: skip
         self.dir = _checkpoint_dir.CheckpointDir(
             path,
             keep=keep,
@@ -40,9 +45,12 @@ class Checkpointer:
         )
         self.path, self.every, self.per_epoch = path, every, per_epoch
         self.source, self.finish = source, finish  # finish: TrainResult in the user's terms
+        self.donated = donated  # the carry is donated to the next chunk (nan_policy != "raise")
         self.fingerprint: dict[str, Any] = {}
         self.last_saved = 0
         self.failed = False
+        self._landed = 0  # the newest checkpoint on disk this run saved or resumed from
+        self._flying: int | None = None  # the step of the save in flight
 
     def __enter__(self) -> Checkpointer:
         self.dir.__enter__()
@@ -54,7 +62,7 @@ class Checkpointer:
     def open(self, fingerprint_of, state, history, *, resume: bool, total, epochs, mesh):
         """``(state, history)`` to start from: the newest checkpoint of this run, or as given.
 
-        ``fingerprint_of()`` computes this run's fingerprint (inside, so that any error
+        ``fingerprint_of(state=state)`` computes this run's fingerprint (inside, so that any error
         releases the lock). ``resume=False`` moves the checkpoints there aside.
 
         A run whose initial params and model state are those the newest checkpoint holds
@@ -63,7 +71,7 @@ class Checkpointer:
         fingerprint then keeps the checkpoint's initial-state entries.
         """
         with self.dir.closing_on_error():
-            self.fingerprint = fingerprint_of()
+            self.fingerprint = fingerprint_of(state=state)
             restored = None
             if resume:
                 self.dir.differences = functools.partial(self._continuing, state=state)
@@ -72,7 +80,7 @@ class Checkpointer:
                 self.dir.move_aside()
             self.dir.differences = functools.partial(_differences, current=self.fingerprint)
         state, history = restored or (state, history)
-        self.last_saved = _int(state.step)
+        self.last_saved = self._landed = _int(state.step)
         return state, history
 
     def _continuing(self, meta: dict[str, Any], *, state: TrainState) -> list[str]:
@@ -88,6 +96,11 @@ class Checkpointer:
             return []
         return found
 
+    def landed(self) -> int:
+        """The step of the newest checkpoint this run saved (landed on disk) or resumed
+        from; 0 before any. Records up to it are final: a rerun resumes past them."""
+        return self._landed
+
     def on_chunk(self, info, state: TrainState, history) -> None:
         if (
             self.every is None
@@ -97,47 +110,124 @@ class Checkpointer:
             self.save(state, history)
 
     def on_end(self, state: TrainState, history) -> None:
-        if not self.failed and _int(state.step) > self.last_saved:
+        """Saves the last state if it is not saved yet; returns once every save landed."""
+        if self.failed:
+            return
+        if _int(state.step) > self.last_saved:
             self.save(state, history)
+        self._or_fail(state, history, self.dir.wait)
+        self._land()
 
     def save(self, state: TrainState, history) -> None:
+        """Starts saving ``state`` on a host thread (``_checkpoint_dir``), after the save
+        before it landed; the caller goes on to the next chunk meanwhile."""
         step = _int(state.step)
         self.last_saved = step
+        self._save_local_shards(step, state, history)
         if not self.dir.writer:
+            self._landed = step
             return
         losses, aux, metrics = history.raw(step)
         skipped, first_bad = _host((state.skipped, state.first_nonfinite))
+        trees = {
+            "params": _keys_as_data(state.params),  # fit_steps: any state, typed keys too
+            "opt_state": state.opt_state,
+            "model_state": _keys_as_data(state.model_state),
+            "counters": {"skipped": skipped, "first_nonfinite": first_bad},
+            "losses": losses,
+            "aux": aux,
+            # The best state so far, the patience count and whether the run stopped.
+            "evaluation": _keys_as_data(state.evaluation),
+            "metrics": metrics,
+        }
+        meta = {
+            "fingerprint": self.fingerprint,
+            "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
+            "epoch": step // self.per_epoch if self.per_epoch else 0,
+            "source": self.source.checkpoint_state(step),
+            "scanfit_version": _version(),
+        }
+        fetch = _fetcher(trees, donated=self.donated)
+        self._or_fail(state, history, lambda: self.dir.start_save(step, fetch, meta))
+        self._land()  # start_save waited for the save before this one
+        self._flying = step
+
+    def _land(self) -> None:
+        if self._flying is not None:
+            self._landed, self._flying = self._flying, None
+
+    def _or_fail(self, state: TrainState, history, action) -> None:
+        """Runs ``action``; a failed save (this one or the one in flight) is raised with
+        ``state``, the newest trained state, attached."""
         try:
-            self.dir.save(
-                step,
-                {
-                    "params": _keys_as_data(state.params),  # fit_steps: any state
-                    "opt_state": state.opt_state,
-                    "model_state": _keys_as_data(state.model_state),
-                    "counters": {"skipped": skipped, "first_nonfinite": first_bad},
-                    "losses": losses,
-                    "aux": aux,
-                    # The best state so far, the patience count and whether the run stopped.
-                    "evaluation": _keys_as_data(state.evaluation),
-                    "metrics": metrics,
-                },
-                {
-                    "fingerprint": self.fingerprint,
-                    "nonfinite_seen": bool(skipped > 0 or first_bad >= 0),
-                    "epoch": step // self.per_epoch if self.per_epoch else 0,
-                    "source": self.source.checkpoint_state(step),
-                    "scanfit_version": _version(),
-                },
-            )
+            action()
         except CheckpointWriteError as err:
             self.failed = True
             raise CheckpointWriteError(
                 f"{err}. The checkpoints saved before are intact; the trained state (update "
-                f"{step}) is attached as .state.",
+                f"{_int(state.step)}) is attached as .state.",
                 errno=err.errno,
                 path=err.filename,
                 state=self.finish(history.result(state)),
             ) from err
+
+    def _save_local_shards(self, step: int, state: TrainState, history) -> None:
+        """Every process writes its shards of the arrays split over several processes;
+        all wait for all before process 0 writes the checkpoint that names them."""
+        try:
+            spans = _checkpoint.write_local_shards(self.path, step, _state_trees(state))
+        except OSError as err:
+            self.failed = True
+            raise CheckpointWriteError(
+                f"cannot save this process's shards of checkpoint {step} in "
+                f"{str(self.path)!r}: {err.strerror or err}. The checkpoints saved before are "
+                "intact; the trained state is attached as .state.",
+                errno=err.errno,
+                path=str(self.path),
+                state=self.finish(history.result(state)),
+            ) from err
+        if spans:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"scanfit checkpoint {step}")
+
+
+def _state_trees(state: TrainState) -> dict[str, Any]:
+    """The trees of the state that a checkpoint holds, by name (keys as their data)."""
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "model_state": _keys_as_data(state.model_state),
+        "evaluation": _keys_as_data(state.evaluation),
+    }
+
+
+_copy = jax.jit(lambda leaves: [jnp.copy(x) for x in leaves])
+
+
+def _on_cpu(leaves: list) -> bool:
+    return all(d.platform == "cpu" for x in leaves for d in x.devices())
+
+
+def _fetcher(trees: PyTree, *, donated: bool):
+    """A function returning ``trees`` as NumPy arrays, to call on the save thread.
+
+    The carry's buffers are donated to the next chunk (``donated``): the thread
+    must not read them after that. On a CPU, NumPy views of them are free and XLA
+    does not donate a buffer a view holds, so the views are taken here. On an
+    accelerator, a device copy is dispatched here (one call; it runs before the
+    next chunk, and the host does not wait for it); the thread fetches the copy.
+    """
+    leaves, treedef = jax.tree.flatten(trees)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    if _on_cpu([leaves[i] for i in where]):
+        host = _host(trees)
+        return lambda: host
+    if donated and where:
+        for i, copy in zip(where, _copy([leaves[i] for i in where]), strict=True):
+            leaves[i] = copy
+        trees = jax.tree.unflatten(treedef, leaves)
+    return lambda: _host(trees)
 
 
 def _version() -> str:
@@ -146,21 +236,18 @@ def _version() -> str:
     return __version__
 
 
-def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
+def fingerprint_of(step, data, stream, *, state, **entries) -> dict[str, Any]:
     """What decides the result of this run, hashed (``_fingerprint``): ``step`` (a
     ``_scan.Step``) as compiled, the initial state, the data; ``entries`` are the run's
     other inputs and settings, by name (``rng`` among them). An iterable's contents are
     hashed as they stream (``_sources.StreamSource``): here only its structure, shapes
-    and length."""
+    and length. The initial state is digested where its shards lie
+    (``_sharding.digest``): nothing gathered, nothing kept."""
     program = _update_program(step, state, data, entries["rng"])
     fingerprint = _fingerprint.fingerprint(
-        program=program,
-        params=_host(_keys_as_data(state.params)),
-        opt_state=_host(state.opt_state),
-        model_state=_host(_keys_as_data(state.model_state)),
-        data=data if stream is None else {},
-        **entries,
+        program=program, data=data if stream is None else {}, **entries
     )
+    fingerprint.update(_state_digests(state))
     if stream is not None:
         fingerprint["data"] = stream.fingerprint()
     elif jax.process_count() > 1:  # each process holds its share: hash all shares, everywhere
@@ -170,6 +257,16 @@ def fingerprint_of(step, state, data, stream, **entries) -> dict[str, Any]:
         every = np.asarray(multihost_utils.process_allgather(mine))
         fingerprint["data"]["sha256"] = hashlib.sha256(every.tobytes()).hexdigest()
     return fingerprint
+
+
+def _state_digests(state: TrainState) -> dict[str, Any]:
+    """Fingerprint entries of the initial params (fit_steps: state), optimizer state and
+    model state."""
+    return {
+        "params": _sharding.digest(_keys_as_data(state.params)),
+        "opt_state": _sharding.digest(state.opt_state),
+        "model_state": _sharding.digest(_keys_as_data(state.model_state)),
+    }
 
 
 def _update_program(step, state, data, rng) -> str:
@@ -268,7 +365,8 @@ def _restore(checkpoints, state, history, total, epochs, mesh, source):
                 f"past the {total} updates of this run (epochs={epochs})."
             )
         try:
-            restored = _unpack(found.step, found.arrays, state, history, mesh)
+            shards = _checkpoint.read_local_shards(found.path, found.step)
+            restored = _unpack(found.step, {**found.arrays, **shards}, state, history, mesh)
         except _checkpoint.Unusable as err:
             checkpoints.reject(found.path, str(err))
             continue
@@ -301,8 +399,8 @@ def _unpack(step, arrays, state, history, mesh):
         metrics = _checkpoint.unflatten("metrics", empty_metrics, arrays, rows=evaluations)
 
     def as_device(like, prefix):  # PRNG keys (NNX RNG streams) are saved as their data
-        saved = _checkpoint.unflatten(prefix, _keys_as_data(like), arrays)
-        return _keys_from_data(like, jax.tree.map(jnp.asarray, saved))
+        saved = _checkpoint.unflatten_sharded(prefix, _keys_as_data(like), arrays)
+        return _keys_from_data(like, _sharding.restore_like(like, saved))
 
     restored = TrainState(
         as_device(state.params, "params"),
@@ -313,8 +411,8 @@ def _unpack(step, arrays, state, history, mesh):
         jnp.asarray(first_bad, jnp.int32),
         as_device(state.evaluation, "evaluation"),
     )
-    if mesh is not None:
-        restored = _parallel.put_replicated(restored, mesh)
+    if mesh is not None:  # the arrays are in the run's shardings; the counters replicated
+        restored = _parallel.put_on_mesh(restored, mesh)
     return restored, history.like(losses, aux, metrics)
 
 

@@ -5,7 +5,9 @@ Each message names the argument, what it needs and what it got.
 
 from __future__ import annotations
 
+import functools
 import numbers
+import operator
 import warnings
 from typing import Any
 
@@ -80,6 +82,39 @@ def _path(path) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# The integer settings of scan_train, fit and sweep (and their step forms).
+INTEGER_SETTINGS = (
+    "epochs", "accumulate", "unroll", "eval_every", "patience", "log_every", "chunk_steps",
+    "checkpoint_every", "keep", "steps_per_epoch", "devices", "steps",
+)  # fmt: skip
+
+
+def as_int(value: Any) -> Any:
+    """A NumPy (or any ``__index__``) integer as a Python int; anything else as it is, for
+    the checks to name. (A NumPy integer given as a static setting would reach JAX as an
+    array: ``Slice entries must be static integers``.)"""
+    if value is None or isinstance(value, (bool, int, np.bool_)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:  # a float, a list, a traced value: not an integer
+        return value
+
+
+def integer_settings(fn: Any) -> Any:
+    """Decorator: the keyword settings named in ``INTEGER_SETTINGS`` go through ``as_int``
+    before ``fn`` checks or traces anything, so NumPy integers work wherever ints do."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for name in INTEGER_SETTINGS:
+            if name in kwargs:
+                kwargs[name] = as_int(kwargs[name])
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _inexact(leaf: Any) -> bool:
@@ -158,15 +193,21 @@ def _check_not_microbatches(data: Any) -> None:
             f"{describe(data)}: an iterable of microbatches is streamed by scanfit.fit only. "
             "Pass it to fit, or np.stack the microbatches into arrays (N, ...)."
         )
-    if isinstance(data, list) and data:
-        structures = {jax.tree.structure(x) for x in data}
-        if len(structures) == 1 and structures.pop().num_nodes > 1:
-            raise TypeError(
-                f"data is a list of {len(data)} microbatches (each {describe(data[0])}); "
-                "data must be a pytree of arrays (N, ...): stack them, e.g. "
-                "jax.tree.map(lambda *a: np.stack(a), *batches), or pass iter(batches) "
-                "to scanfit.fit, which streams an iterable of microbatches."
-            )
+    if _is_list_of_batches(data):
+        raise TypeError(
+            f"data is a list of {len(data)} microbatches (each {describe(data[0])}); "
+            "data must be a pytree of arrays (N, ...): stack them, e.g. "
+            "jax.tree.map(lambda *a: np.stack(a), *batches), or pass iter(batches) "
+            "to scanfit.fit, which streams an iterable of microbatches."
+        )
+
+
+def _is_list_of_batches(value: Any) -> bool:
+    """A list of pytrees of one structure, each more than a leaf: batches, not a pytree."""
+    if not (isinstance(value, list) and value):
+        return False
+    structures = {jax.tree.structure(x) for x in value}
+    return len(structures) == 1 and structures.pop().num_nodes > 1
 
 
 def check_data(data: Any) -> int:
@@ -425,8 +466,19 @@ def check_train_args(
     return params, optimizer, lr, n, key, loss_spec
 
 
-def check_eval_data(eval_data: Any) -> int:
-    """Eval data: a pytree of arrays sharing a leading axis M >= 1; returns M."""
+def check_eval_data(eval_data: Any, train_batch: Any = None) -> int:
+    """Eval data: a pytree of arrays sharing a leading axis M >= 1; returns M.
+
+    ``train_batch``: one training microbatch's shapes, if known: eval data of the same
+    structure and ranks is one batch without the M axis, an error (not B microbatches).
+    """
+    if _is_list_of_batches(eval_data):
+        raise TypeError(
+            f"eval_data is a list of {len(eval_data)} eval batches (each "
+            f"{describe(eval_data[0])}); eval_data must be a pytree of arrays with a leading "
+            "axis M of eval microbatches: stack them, e.g. "
+            "jax.tree.map(lambda *a: np.stack(a), *batches)."
+        )
     leaves = jax.tree_util.tree_leaves_with_path(eval_data)
     if not leaves:
         raise ValueError(
@@ -443,7 +495,36 @@ def check_eval_data(eval_data: Any) -> int:
     if len(sizes) > 1:
         listing = ", ".join(f"eval_data{_path(p)}: {tuple(leaf.shape)}" for p, leaf in leaves)
         raise ValueError(f"eval_data leaves must share the leading axis M; got shapes {listing}.")
+    _check_eval_batch_axis(eval_data, train_batch)
     return sizes.pop()
+
+
+def _first(tree: Any) -> Any:
+    """The shapes and dtypes of one element along the leading axis of every leaf."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), tree)
+
+
+def _shapes(tree: Any) -> str:
+    """``(float32[8, 3], float32[8])``: a pytree's leaves as dtype[shape], for messages."""
+    spec = jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(np.shape(a))}", tree)
+    return str(spec).replace("'", "")
+
+
+def _check_eval_batch_axis(eval_data: Any, train_batch: Any) -> None:
+    """One eval batch shaped as a training microbatch has no M axis: it would silently be
+    taken as B eval microbatches of one example each."""
+    if train_batch is None or jax.tree.structure(eval_data) != jax.tree.structure(train_batch):
+        return
+    ranks = zip(jax.tree.leaves(eval_data), jax.tree.leaves(train_batch))
+    if all(np.ndim(e) == len(t.shape) for e, t in ranks):
+        raise ValueError(
+            f"eval_data has the shapes of one batch, {_shapes(eval_data)}, like a training "
+            f"microbatch {_shapes(train_batch)}, without the leading axis M of eval "
+            f"microbatches: it would be taken as {len(jax.tree.leaves(eval_data)[0])} eval "
+            "microbatches of one example each. "
+            "Give eval_data leaves (M, B, ...): one eval batch is "
+            "jax.tree.map(lambda a: a[None], eval_data)."
+        )
 
 
 def _check_positive(name: str, value: Any, meaning: str) -> None:
@@ -461,11 +542,14 @@ def check_eval_args(
     form: str,
     metrics_of: Any,
     data_optional: bool = False,
+    train_batch: Any = None,
 ) -> None:
-    """The evaluation arguments; ``metrics_of(batch_spec)`` traces eval_fn abstractly.
+    """The evaluation arguments; ``metrics_of(batch_spec)`` traces eval_fn abstractly
+    (``jax.eval_shape``) on one eval microbatch, any error it raises named as eval_fn's.
 
     ``form`` is how eval_fn is called, for the messages. ``data_optional``: eval_fn
-    may make its own data (the step form), called once with ``batch=None``.
+    may make its own data (the step form), called once with ``batch=None``;
+    ``train_batch`` one training microbatch's shapes, if known (see ``check_eval_data``).
     """
     if eval_fn is None:
         named = {"eval_data": eval_data, "eval_every": eval_every, "best": best}
@@ -486,11 +570,21 @@ def check_eval_args(
             "microbatches (each metric is averaged over the M), got eval_data=None."
         )
     if eval_data is not None:
-        check_eval_data(eval_data)
+        check_eval_data(eval_data, train_batch)
     _check_positive("eval_every", eval_every, "updates between evaluations")
     _check_positive("patience", patience, "evaluations without improvement before stopping")
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), eval_data)
-    names = _check_metrics(metrics_of(batch), form)
+    try:
+        out = metrics_of(batch)
+    except Exception as err:  # the user's function: any error, named as theirs
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(
+            f"eval_fn failed when called as {form} on one eval microbatch of eval_data "
+            f"{_shapes(batch)}: {type(err).__name__}: {str(err).rstrip('.')}. Check eval_fn's "
+            "arguments and "
+            "that eval_data holds what it reads, with a leading axis M of eval microbatches."
+        ) from err
+    names = _check_metrics(out, form)
     if best is not None:
         _check_best(best, names)
     elif patience is not None:

@@ -1,8 +1,9 @@
 """The ``scanfit`` command: parsing, printing and plotting; training lives in the library.
 
 Bad input prints one line, ``scanfit: error: ...``, and exits with status 2; a
-run that diverges exits with status 1; Ctrl-C exits with status 130 after
-saying where the run stopped. No traceback reaches the user. Sizes are
+run that diverges exits with status 1; Ctrl-C exits with status 130 and
+SIGTERM (a scheduler reclaiming the machine) with status 143, after saying
+where the run stopped. No traceback reaches the user. Sizes are
 checked before anything big is allocated or compiled.
 """
 
@@ -14,7 +15,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scanfit import _checks, _data, _models
+from scanfit import _checks, _compile_cache, _data, _models, _trackers
 from scanfit._errors import (
     CheckpointLockedError,
     CheckpointMismatchError,
     CheckpointWriteError,
     DivergenceError,
+    Preempted,
 )
 from scanfit._fit import fit
 from scanfit._linear import _grad, scan_training_step
@@ -47,7 +51,21 @@ class _UsageError(Exception):
 
 
 class _Interrupted(Exception):
-    """Ctrl-C during training: printed as one line, exit status 130."""
+    """Ctrl-C during training: printed as one line, exit status 130 (143 after SIGTERM)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside training (loading, a sweep, reporting): one line, exit status 143.
+
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` swallows it.
+    """
+
+
+_SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
 
 
 def _memory_budget() -> int:
@@ -242,19 +260,32 @@ def _loop_flags(loop) -> None:
         help="save checkpoints here and resume from them",
     )
     loop.add_argument(
+        "--compile-cache",
+        type=_directory,
+        default=None,
+        help="JAX's persistent compilation cache: a rerun reads the compiled programs from "
+        "here instead of compiling them (default: CHECKPOINT_DIR/compile-cache with "
+        "--checkpoint-dir, else none)",
+    )
+    loop.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="no compilation cache, not even under --checkpoint-dir",
+    )
+    loop.add_argument(
         "--eval-every",
         type=_positive_int,
         default=None,
         help="evaluate the validation rows inside the compiled program every N updates and "
         "after the last, as microbatches of --batch-size rows (the last rows that do not fill "
-        "one are dropped); reports the best validation metric and its update",
+        "one are dropped); reports the best and the final validation metric (default: every "
+        "epoch when there are validation rows and one --lr and --seed)",
     )
     loop.add_argument(
         "--patience",
         type=_positive_int,
         default=None,
-        help="with --eval-every: stop P evaluations after the best validation metric "
-        "(highest accuracy, lowest mse)",
+        help="stop P evaluations after the best validation metric (highest accuracy, lowest mse)",
     )
     loop.add_argument(
         "--devices",
@@ -272,6 +303,14 @@ def _output_flags(out) -> None:
         type=_directory,
         default=None,
         help="write metrics.jsonl (and TensorBoard events if tensorboardX is installed) here",
+    )
+    out.add_argument(
+        "--logger",
+        action="append",
+        choices=_trackers.NAMES,
+        default=None,
+        help="also send the metrics to this tracker (repeatable; needs --log-dir): mlflow "
+        "(file store in the log dir), wandb (offline), trackio (local)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
@@ -339,8 +378,18 @@ def _check_paths(args) -> None:
             raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not a directory")
         if where is not None and not os.access(where, os.W_OK | os.X_OK):
             raise _UsageError(f"--checkpoint-dir {ckpt}: {where} is not writable")
-    if args.log_dir is not None and args.log_dir.exists() and not args.log_dir.is_dir():
-        raise _UsageError(f"--log-dir {args.log_dir}: exists and is not a directory")
+    if args.compile_cache is not None and args.no_compile_cache:
+        raise _UsageError(f"--compile-cache {args.compile_cache} and --no-compile-cache: give one")
+    for flag, path in (("--log-dir", args.log_dir), ("--compile-cache", args.compile_cache)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise _UsageError(f"{flag} {path}: exists and is not a directory")
+    if args.logger:
+        if args.log_dir is None:
+            raise _UsageError("--logger needs --log-dir (the trackers mirror its metrics.jsonl)")
+        try:
+            _trackers.check(args.logger, args.log_dir)
+        except ImportError as err:
+            raise _UsageError(f"--logger: {err}") from None
     _check_eval_flags(args)
     if args.devices is not None and args.devices > jax.local_device_count():
         raise _UsageError(
@@ -356,18 +405,17 @@ def _check_paths(args) -> None:
 
 def _check_eval_flags(args) -> None:
     """--eval-every and --patience: what they need, before any data is read."""
-    if args.patience is not None and args.eval_every is None:
-        raise _UsageError(
-            f"--patience {args.patience} needs --eval-every N: patience counts evaluations"
-        )
-    if args.eval_every is None:
+    pairs = (("--eval-every", args.eval_every), ("--patience", args.patience))
+    given = [(flag, value) for flag, value in pairs if value is not None]
+    if not given:
         return
+    flag, value = given[0]
     if len(args.lr or ()) > 1 or len(args.seed) > 1:
-        raise _UsageError("--eval-every trains one configuration; give one --lr and one --seed")
+        raise _UsageError(f"{flag} trains one configuration; give one --lr and one --seed")
     defaulted_to_none = args.val_fraction is None and args.data is None  # built-in data
     if args.val_fraction == 0 or defaulted_to_none:
         raise _UsageError(
-            f"--eval-every {args.eval_every} needs validation rows; give --val-fraction > 0"
+            f"{flag} {value} needs validation rows; give --val-fraction > 0"
             + (" (built-in data holds none out by default)" if defaulted_to_none else "")
         )
 
@@ -542,7 +590,8 @@ def _library_errors(args):
     """fit's and sweep's refusals of what the flags built, and file errors, as one line.
 
     Ctrl-C becomes ``_Interrupted``, saying where a rerun resumes: ``fit`` saves
-    the last completed chunk and tags the interrupt with its update.
+    the last completed chunk and tags the interrupt with its update. SIGTERM
+    (``Preempted``) too, with exit status 143.
     """
     try:
         yield
@@ -553,14 +602,21 @@ def _library_errors(args):
         raise _UsageError(f"{err.strerror or err}{where}") from None
     except KeyboardInterrupt as err:
         step = getattr(err, "step", 0)
+        what, code = (
+            ("preempted (SIGTERM)", _SIGTERM_EXIT)
+            if isinstance(err, Preempted)
+            else ("interrupted", 130)
+        )
         if args.checkpoint_dir is not None and step > 0:
             raise _Interrupted(
-                f"interrupted at update {step}; checkpoint saved in {args.checkpoint_dir}; "
-                "run again to resume"
+                f"{what} at update {step}; checkpoint saved in {args.checkpoint_dir}; "
+                "run again to resume",
+                code,
             ) from None
         raise _Interrupted(
-            f"interrupted at update {step}; nothing saved"
-            + ("" if args.checkpoint_dir is not None else " (no --checkpoint-dir)")
+            f"{what} at update {step}; nothing saved"
+            + ("" if args.checkpoint_dir is not None else " (no --checkpoint-dir)"),
+            code,
         ) from None
 
 
@@ -591,7 +647,7 @@ def _eval_batches(val, batch_size: int) -> tuple[tuple[np.ndarray, np.ndarray], 
     return (x[:used].reshape(m, size, -1), y[:used].reshape(m, size)), len(x) - used
 
 
-def _eval_settings(args, model, eval_data) -> dict[str, Any]:
+def _eval_settings(args, model, eval_data, every: int) -> dict[str, Any]:
     """fit's keywords for in-graph evaluation of the model's metric and loss."""
 
     def eval_fn(params, batch):
@@ -604,7 +660,7 @@ def _eval_settings(args, model, eval_data) -> dict[str, Any]:
     return {
         "eval_fn": eval_fn,
         "eval_data": eval_data,
-        "eval_every": args.eval_every,
+        "eval_every": every,
         "best": (model.metric_name, mode),
         "patience": args.patience,
     }
@@ -613,16 +669,21 @@ def _eval_settings(args, model, eval_data) -> dict[str, Any]:
 def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[str, Any]:
     """One configuration through ``fit``; ``summary`` gains its results.
 
-    With ``--eval-every`` the program evaluates the validation rows and keeps
-    the best; the final metric is then recomputed on the host from the same rows.
+    With validation rows the program evaluates them every epoch (or every
+    ``--eval-every`` updates) and keeps the best; the final metric is then
+    recomputed on the host from the same rows.
     """
     val = split.val
     evaluation: dict[str, Any] = {}
-    if args.eval_every is not None:
+    # Keras's convention: validation rows are evaluated every epoch unless told otherwise.
+    per_epoch = summary["microbatches"] // args.accumulate
+    every = args.eval_every or (per_epoch if val is not None else None)
+    if every is not None:
         eval_data, val_dropped = _eval_batches(val, args.batch_size)
         val = tuple(a.reshape(-1, *a.shape[2:]) for a in eval_data)  # the rows evaluated
-        evaluation = _eval_settings(args, model, eval_data)
+        evaluation = _eval_settings(args, model, eval_data, every)
         summary.update(
+            eval_every=every,
             eval_microbatches=len(eval_data[0]),
             eval_batch_size=eval_data[0].shape[1],
             eval_dropped_rows=val_dropped,
@@ -647,7 +708,7 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
             epochs=args.epochs,
             key=key if args.epochs > 1 else None,
             accumulate=args.accumulate,
-            chunk_steps=args.chunk_steps or _default_chunk(total, args.eval_every),
+            chunk_steps=args.chunk_steps or _default_chunk(total, every),
             progress=False if args.quiet else None,
             on_chunk=on_chunk,
             checkpoint_dir=args.checkpoint_dir,
@@ -655,6 +716,7 @@ def _single(args, model, optimizer, split, lr, builtin, summary, total) -> dict[
             **evaluation,
             # Passed only when given, so that runs without it need no fit(log_dir=).
             **({"log_dir": args.log_dir} if args.log_dir is not None else {}),
+            **({"loggers": args.logger} if args.logger else {}),
         )
     seconds = time.perf_counter() - start
     losses = np.asarray(res.losses)
@@ -858,16 +920,52 @@ def _write_json(path: Path, summary: dict[str, Any]) -> None:
         raise _UsageError(f"--json {path}: cannot write it ({err.strerror})") from None
 
 
+def _compile_cache_dir(args) -> Path | None:
+    """--compile-cache, else CHECKPOINT_DIR/compile-cache: a resumed run does not compile."""
+    if args.no_compile_cache:
+        return None
+    if args.compile_cache is None and args.checkpoint_dir is not None:
+        return args.checkpoint_dir / "compile-cache"
+    return args.compile_cache
+
+
+@contextlib.contextmanager
+def _sigterm_ends_the_command() -> Any:
+    """SIGTERM outside ``fit`` (which saves and raises ``Preempted``) raises ``_Terminated``.
+
+    Set from the main thread only (Python's rule), and put back afterwards.
+    """
+
+    def terminate(signum, frame):
+        raise _Terminated("terminated (SIGTERM)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``scanfit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     0: done; 1: training diverged; 2: bad input (argparse exits with 2 itself);
-    130: interrupted by Ctrl-C.
+    130: interrupted by Ctrl-C; 143: stopped by SIGTERM.
     """
     args = _parser().parse_args(argv)
+    with _sigterm_ends_the_command():
+        return _run(args)
+
+
+def _run(args) -> int:
+    """``main`` after parsing: every outcome as an exit status and at most one line."""
     try:
         _check_paths(args)
-        summary = _train(args)
+        with _compile_cache.persistent(_compile_cache_dir(args)):
+            summary = _train(args)
         if not args.quiet:
             _print(summary)
         if args.plot:
@@ -893,7 +991,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except _Interrupted as err:
         print(f"scanfit: {err}", file=sys.stderr)
-        return 130
+        return err.code
+    except _Terminated as err:  # outside training: whatever was saved stays
+        kept = f"; checkpoints in {args.checkpoint_dir} are kept" if args.checkpoint_dir else ""
+        print(f"scanfit: {err}{kept}", file=sys.stderr)
+        return _SIGTERM_EXIT
     except KeyboardInterrupt:  # outside training: nothing to save
         print("scanfit: interrupted", file=sys.stderr)
         return 130

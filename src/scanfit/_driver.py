@@ -24,16 +24,18 @@ from scanfit import _eval, _parallel, _sources, _xla_cpu
 from scanfit._conv import canonical_convs
 from scanfit._loop import TrainResult, result_of
 from scanfit._scan import PyTree, TrainState, finite_per_update, run_chunk
+from scanfit._sharding import Shardings, keeping_shardings
 
 _STATIC = ("step", "unroll")  # step: the step factory (_scan.Step), static
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
 _finite_per_update = _xla_cpu.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
-_CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every")
-_chunk = _xla_cpu.jit(canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC)
+_CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every", "shardings")
+_run_chunk = keeping_shardings(run_chunk)  # a sharded carry stays in its shardings
+_chunk = _xla_cpu.jit(canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
 _chunk_donating = _xla_cpu.jit(
-    canonical_convs(run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
+    canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
 )
 
 # Dispatching chunk k+1 ahead holds one more copy of the carry; above this size (big
@@ -80,7 +82,8 @@ class Observer(Protocol):
     """What the driver hands each chunk to. None of them knows the others."""
 
     def on_chunk(self, info: ChunkInfo, state: TrainState, history: History) -> bool | None:
-        """After each chunk; returning False stops the run (after this chunk)."""
+        """After each chunk; returning False stops the run (after this chunk). Raising
+        KeyboardInterrupt (``Preempted``) ends it as Ctrl-C does, this chunk kept."""
 
     def on_end(self, state: TrainState, history: History) -> None:
         """Once, with the last state kept: at the end, a stop, a divergence, Ctrl-C."""
@@ -191,7 +194,8 @@ class Program:
         count = jax.tree.leaves(data if idx is None else idx)[0].shape[0]
         every = None if self.evaluation is None else self.evaluation.every
         lay = None if every is None else _eval.layout(start, count, every, self.total)
-        return self.compiled(state=state, data=data, idx=idx, layout=lay)
+        shardings = Shardings.of_arrays(state)
+        return self.compiled(state=state, data=data, idx=idx, layout=lay, shardings=shardings)
 
     def launch(self, state: TrainState, start: int, inputs) -> _Flight:
         count = min(self.chunk, self.total - start)
@@ -271,14 +275,17 @@ def drive(
             if program.policy == "raise" and (int(bad) >= 0 or not bool(state_finite)):
                 bad, state, loss = _divergence(program, flight, history, losses)
                 raise Diverged(bad, loss, state)
-            state, flight = new_state, None
+            state, start, flight = new_state, flight.start, None
             history.add(losses, aux, metrics)
+            halt = stopped_at(state)  # early stopping: the carry says so
+            end = nxt if halt < 0 else halt  # a stop skips the chunk's updates after it
+            done = history.rows(end)[0] - history.rows(start)[0]  # rows of the updates done
             info = ChunkInfo(
-                nxt, total, (nxt - 1) // per_epoch, time.perf_counter() - t0, losses,
-                state.params, int(skipped), jax.tree.map(lambda a: a.mean(0), aux), metrics,
-                state.opt_state, state.model_state,
+                end, total, (end - 1) // per_epoch, time.perf_counter() - t0, losses[:done],
+                state.params, int(skipped), jax.tree.map(lambda a, n=done: a[:n].mean(0), aux),
+                metrics, state.opt_state, state.model_state,
             )  # fmt: skip
-            stop = stopped_at(state) >= 0  # early stopping: the carry says so
+            stop = halt >= 0
             for observer in observers:
                 stop = (observer.on_chunk(info, state, history) is False) or stop
             if stop:

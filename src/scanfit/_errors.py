@@ -67,3 +67,31 @@ class CheckpointWriteError(OSError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint file is damaged or not this run's: it is skipped and left in place."""
+
+
+class Preempted(KeyboardInterrupt):
+    """``fit`` was asked to stop by SIGTERM (Slurm, Kubernetes and spot VMs send it before
+    reclaiming a machine): the chunk in flight completed and was kept, a checkpoint was
+    saved (with ``checkpoint_dir``), and the run stopped there.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it too; on many hosts
+    every process raises it at the same step.
+
+    Attributes:
+      step: updates done and kept: where a rerun with the same ``checkpoint_dir`` resumes.
+      checkpoint_dir: where that state was saved, or None (nothing saved: a rerun starts
+        afresh).
+    """
+
+    def __init__(self, step: int, checkpoint_dir: Any = None):
+        super().__init__(step, checkpoint_dir)
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir
+
+    def __str__(self) -> str:
+        if self.checkpoint_dir is None:
+            return f"preempted (SIGTERM) at update {self.step}; nothing saved (no checkpoint_dir)"
+        return (
+            f"preempted (SIGTERM) at update {self.step}; checkpoint saved in "
+            f"{str(self.checkpoint_dir)!r}: run again to resume"
+        )

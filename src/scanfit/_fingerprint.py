@@ -142,17 +142,70 @@ def differences(saved: dict[str, Any], current: dict[str, Any], ignore=()) -> li
 
 
 def _tree_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
-    la, lb = a.get("leaves", {}), b.get("leaves", {})
-    changed = [
-        f"{p or '(root)'} is {_spec(la.get(p))} in the checkpoint, {_spec(lb.get(p))} in this run"
-        for p in [*lb, *(p for p in la if p not in lb)]
-        if la.get(p) != lb.get(p)
-    ]
+    if "microbatches_per_epoch" in a or "microbatches_per_epoch" in b:
+        return _stream_difference(a, b)
+    axes = ("number of microbatches N", "batch size")
+    changed = _leaves_difference(a.get("leaves", {}), b.get("leaves", {}), axes)
     if changed:
-        return "; ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if changed[3:] else "")
+        return changed
     if a.get("treedef") != b.get("treedef"):
         return f"another structure ({_short(a.get('treedef'))} in the checkpoint)"
     return _SAME_SHAPES
+
+
+def _stream_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How the fingerprints of two iterables differ (one of them may be arrays')."""
+    if "microbatches_per_epoch" not in a or "microbatches_per_epoch" not in b:
+        kinds = ["an iterable of microbatches" if "microbatches_per_epoch" in x else "arrays"
+                 for x in (a, b)]  # fmt: skip
+        return f"{kinds[0]} in the checkpoint, {kinds[1]} in this run"
+    out = []
+    ma, mb = a.get("microbatch", {}), b.get("microbatch", {})
+    changed = _leaves_difference(ma.get("leaves", {}), mb.get("leaves", {}), ("batch size",))
+    if changed:
+        out.append(f"each microbatch: {changed}")
+    elif ma.get("treedef") != mb.get("treedef"):
+        out.append(f"each microbatch: another structure ({_short(ma.get('treedef'))} in the "
+                   "checkpoint)")  # fmt: skip
+    na, nb = a["microbatches_per_epoch"], b["microbatches_per_epoch"]
+    if na != nb:
+        out.append(f"another epoch length: {na} microbatches per epoch in the checkpoint, "
+                   f"{nb} in this run")  # fmt: skip
+    return "; ".join(out) or _SAME_SHAPES
+
+
+def _leaves_difference(la: dict, lb: dict, axes: tuple[str, ...]) -> str | None:
+    """The leaves whose specs differ, led by what changed when it is one axis of them all
+    (``axes`` names the leading ones: e.g. the batch size); None if none differ."""
+    paths = [*lb, *(p for p in la if p not in lb)]
+    changed = [p for p in paths if la.get(p) != lb.get(p)]
+    if not changed:
+        return None
+    listing = "; ".join(
+        f"{p or '(root)'} is {_spec(la.get(p))} in the checkpoint, {_spec(lb.get(p))} in this run"
+        for p in changed[:3]
+    ) + (f" (and {len(changed) - 3} more)" if changed[3:] else "")
+    axis = _one_axis([(la.get(p), lb.get(p)) for p in changed])
+    if axis is None or axis >= len(axes):
+        return listing
+    old = sorted({la[p][0][axis] for p in changed})
+    new = sorted({lb[p][0][axis] for p in changed})
+    what = f"{_sizes(old)} in the checkpoint, {_sizes(new)} in this run"
+    return f"another {axes[axis]} ({what}): {listing}"
+
+
+def _one_axis(pairs: list) -> int | None:
+    """The one axis in which every pair of leaf specs differs (same dtype and rank), or None."""
+    axes = set()
+    for a, b in pairs:
+        if a is None or b is None or a[1] != b[1] or len(a[0]) != len(b[0]):
+            return None
+        axes.update(i for i, (m, n) in enumerate(zip(a[0], b[0])) if m != n)
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _sizes(values: list[int]) -> str:
+    return " and ".join(map(str, values))
 
 
 def _spec(spec: Any) -> str:

@@ -27,11 +27,16 @@ from scanfit import (
     _checkpoint_dir,
     _checkpointer,
     _checks,
+    _compile_cache,
     _driver,
     _eval,
+    _nonfinite,
     _observers,
     _parallel,
+    _preempt,
+    _sharding,
     _sources,
+    _trackers,
 )
 from scanfit._driver import ChunkInfo, History
 from scanfit._errors import DataExhaustedError, DivergenceError
@@ -42,13 +47,18 @@ NAN_POLICIES = ("raise", "skip", "ignore")
 __all__ = ["ChunkInfo", "fit"]
 
 
-@functools.partial(jax.jit, static_argnames="optimizer")
-def _fresh_state(params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer) -> TrainState:
+@functools.partial(jax.jit, static_argnames=("optimizer", "shardings"))
+def _fresh_state(
+    params: PyTree, opt_state: PyTree, model_state: PyTree, optimizer, shardings=None
+) -> TrainState:
     """The initial carry in new device buffers (donating it must never delete the caller's
     arrays), ``optimizer.init(params)`` when ``opt_state`` is None: one call, not one
-    dispatch per leaf."""
+    dispatch per leaf. ``shardings``: the ``_sharding.Shardings`` of sharded (params,
+    opt_state, model_state), where the optimizer and model state are created in shards."""
     if opt_state is None:
         opt_state = optimizer.init(params)
+    if shardings is not None:
+        params, opt_state, model_state = shardings.constrain((params, opt_state, model_state))
     return jax.tree.map(jnp.copy, init_state(params, opt_state, model_state))
 
 
@@ -120,6 +130,7 @@ def check_fit_settings(
     return nan_policy or "raise"
 
 
+@_checks.integer_settings
 def fit(
     loss_fn: Callable,
     params: PyTree,
@@ -154,6 +165,9 @@ def fit(
     devices: Any = None,
     steps_per_epoch: int | None = None,
     restore_best: bool = False,
+    compile_cache: str | os.PathLike | None = None,
+    loggers: Any = None,
+    param_sharding: Any = None,
 ) -> TrainResult:
     """Runs the ``scan_train`` loop in compiled chunks, with checkpoints and resume.
 
@@ -174,11 +188,12 @@ def fit(
         a grain or torch DataLoader with NumPy collation, ``tf.data`` as
         NumPy): see "Data from loaders" in the README. Each epoch calls
         ``iter(data)`` again (a one-shot iterator allows ``epochs=1`` only);
-        ``key`` does not apply (the loader shuffles). On resume, an iterator
-        with ``get_state()``/``set_state()`` (grain) is set to its saved
-        state; any other is re-read past the microbatches already used in
-        the current epoch (that costs reading them), which are checked
-        against a hash saved with the checkpoint.
+        ``key`` does not apply (the loader shuffles). Every microbatch the
+        run takes, over all epochs, is chained into a hash saved with each
+        checkpoint; on resume the iterable is read again from its start up to
+        the checkpoint and checked against it (that costs reading them), or
+        an iterator with ``get_state()``/``set_state()`` (grain) is set to
+        its state one chunk before the checkpoint and that chunk checked.
       chunk_steps: updates per compiled call; ``None``: ``checkpoint_every``
         if given, else the whole run in one call, in both cases at most
         65,536 updates and 64 MiB of per-update losses and aux per call (so
@@ -192,14 +207,28 @@ def fit(
         leaf, ``learning_rate`` where the optimizer state exposes it, e.g.
         ``optax.inject_hyperparams``) and one per evaluation (its metrics);
         with ``tensorboardX`` installed (the ``tensorboard`` extra), the same
-        scalars go to TensorBoard event files there. A resumed run drops the
-        records the interrupted one wrote past its checkpoint.
+        scalars go to TensorBoard event files there. Each record is written
+        when logged (a killed run keeps it). After an early stop the last
+        chunk record is at ``stopped_at``, its means over the updates done.
+        A new run (from update 0: no checkpoint to resume, or
+        ``resume=False``) first moves the ``metrics.jsonl`` and event files
+        of an earlier run there into ``log_dir/previous-<k>/`` (nothing is
+        deleted; TensorBoard shows each as a run). A resumed run drops what
+        the interrupted one logged past its checkpoint, rewriting both logs
+        atomically (written aside, fsynced, renamed: a kill leaves the old
+        or the new, never a short file), so each (tag, step) is logged once
+        and the log equals an uninterrupted run's (a log another run wrote
+        there since is moved aside instead, with a ``RuntimeWarning``). A last
+        line torn by a kill is dropped with a ``RuntimeWarning`` naming the file.
       checkpoint_dir: where to save checkpoints (``ckpt-<step>.npz``), at
         chunk boundaries and at the end. The run holds a lock on it
         (``.lock``) from start to end, and checks it is writable before
         training. Every array and the metadata are checksummed; a checkpoint
         that fails the check is skipped with a ``CheckpointWarning``, never
-        loaded and never deleted.
+        loaded and never deleted. Each checkpoint is hashed and written on a
+        host thread while the next chunk computes (at most one in flight;
+        ``fit`` returns once the last has landed); ``scanfit.load`` reads
+        the newest back.
       checkpoint_every: save when at least this many updates have passed
         since the last save; ``None``: after every chunk.
       keep: how many of this run's newest checkpoints to keep. Other files
@@ -236,16 +265,39 @@ def fit(
         end), so it is done only while they take at most 256 MiB; above,
         chunks run one after the other, holding two. ``"skip"`` and
         ``"ignore"`` donate the carry and hold one.
-      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: every data leaf's
-        batch axis (axis 1) is sharded over it, params and optimizer state
-        replicated; XLA inserts the gradient all-reduce. Across hosts (after
-        ``jax.distributed.initialize()``), each process passes its own share
-        of every microbatch as ``data``; process 0 writes the checkpoints.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` and/or an ``"fsdp"``
+        axis: every data leaf's batch axis (axis 1) is sharded over them,
+        params and optimizer state replicated unless placed on the mesh or
+        sharded by ``param_sharding``; XLA inserts the gradient all-reduce (or
+        the all-gathers and reduce-scatters of sharded params). Across hosts
+        (after ``jax.distributed.initialize()``), each process passes its own
+        share of every microbatch as ``data``; process 0 writes the
+        checkpoints, and each process its own shards of arrays split over
+        several processes.
       devices: an int n instead of ``mesh``: a 1-D ``"data"`` mesh over the
         first n local devices. The batch size must divide by it.
       steps_per_epoch: for an iterable ``data``: updates per epoch (each
         takes ``accumulate`` microbatches); required when ``len(data)`` is
         unknown, else ``len(data) // accumulate``.
+      loggers: trackers that get the records of ``log_dir``'s metrics log (required
+        with them): ``"mlflow"`` (an MLflow run in the file store
+        ``log_dir/mlruns``), ``"wandb"`` (an offline W&B run under ``log_dir``),
+        ``"trackio"`` (a run in trackio's local store), or objects with
+        ``log(metrics: dict, step: int)`` and ``close()``; one or a list. Each
+        gets ``{"<kind>/<name>": value}`` (``chunk/loss``, ``eval/val_loss``) per
+        record. With ``checkpoint_dir`` a record is sent once a checkpoint at or
+        past its step has landed, so a resumed run never sends a step twice.
+        The packages are in the ``trackers`` extra.
+      param_sharding: how params (and with them the optimizer state) are
+        sharded over the mesh (FSDP): ``None`` (as given: params placed on the
+        mesh as ``NamedSharding`` stay so, as do NNX params made under
+        ``nnx.with_partitioning``; others are replicated), ``"fsdp"`` (each
+        leaf split along its largest dimension that the mesh's ``"fsdp"``
+        axis, or ``"data"`` where it has none, divides; leaves under 1024
+        elements replicated), a pytree of ``PartitionSpec`` matching params,
+        or a function ``(path, leaf) -> PartitionSpec``. Needs ``mesh=`` or
+        ``devices=`` (or params already on a mesh). The batch is sharded over
+        the mesh's ``"data"`` and ``"fsdp"`` axes.
       eval_fn, eval_data, eval_every, best, patience, log_every: as for
         ``scan_train``, with the same results at any ``chunk_steps``: an
         evaluation falls where the run's update count crosses a multiple of
@@ -258,6 +310,28 @@ def fit(
         evaluation, an Equinox module's ``res.params`` is the best module.
         Checkpoints hold the last update's state as always (and the best
         one); calling ``fit`` again with the NNX module so left resumes.
+      compile_cache: a directory for JAX's persistent compilation cache (created if
+        missing): every program this call compiles is written there (process 0
+        writes, all read), and a rerun, a resume after preemption included, reads
+        them back instead of compiling (it still traces and lowers them). Global
+        while ``fit`` runs: JAX's cache settings (``jax_compilation_cache_dir``,
+        ``jax_enable_compilation_cache``, ``jax_persistent_cache_min_compile_time_secs``
+        set to 0, ``jax_persistent_cache_min_entry_size_bytes`` to -1) apply to every
+        compilation in the process, any thread's; they are restored afterwards and
+        JAX's cache object reset, so the process's own cache, if any, is used again
+        from its next compilation. Trust the directory as you trust code: JAX loads
+        executables from it.
+
+    SIGTERM (what Slurm, Kubernetes and spot VMs send before reclaiming a machine)
+    is handled like Ctrl-C, but at a chunk boundary: the chunk in flight completes,
+    every observer sees it, it is checkpointed, and ``Preempted`` is raised. Its
+    handler is installed for the run only, from the main thread only (from another
+    thread SIGTERM keeps its meaning), not over ``SIG_IGN``, and the previous one is
+    restored whatever ends the run. On many hosts every process stops at the same
+    chunk: under JAX's preemption service (on by default after
+    ``jax.distributed.initialize()``) at JAX's preemption sync point, which JAX
+    sets asynchronously, possibly a chunk or more after the signal; else at the
+    first boundary after it, agreed by an all-gather of each process's flag.
 
     Returns:
       A ``TrainResult``, ``losses`` covering every update of the run, resumed
@@ -273,7 +347,8 @@ def fit(
       scanfit.CheckpointWriteError: ``checkpoint_dir`` is not writable (before
         training), or saving failed (disk full, read-only...): the message
         names the path and the reason, the checkpoints saved before are
-        intact, and the trained state is attached as ``.state``.
+        intact, and the trained state is attached as ``.state`` (raised at
+        the chunk boundary after the failed save, or at the end).
       ValueError, TypeError: bad arguments, as for ``scan_train`` (which
         also rejects more than 2**31 - 1 updates); ``skip_nonfinite=True``
         with a ``nan_policy`` other than ``"skip"``; ``resume`` or
@@ -281,7 +356,12 @@ def fit(
         would exceed 1 GiB.
       KeyboardInterrupt: re-raised after saving the last completed chunk; its
         ``step`` attribute is the update that saved state reached.
+      scanfit.Preempted: a ``KeyboardInterrupt`` after SIGTERM; ``.step`` (the
+        update a rerun resumes from) and ``.checkpoint_dir``. A SIGTERM that comes
+        after the last chunk boundary raises it as ``fit`` returns; one that comes
+        with another error lets that error through.
     """
+    cache_dir = _compile_cache.check_dir(compile_cache)
     params_in, model_state_in = params, model_state
     _adapters.check_restore_best(restore_best, best)
     model = _adapters.adapt(
@@ -302,18 +382,23 @@ def fit(
         keep=keep, nan_policy=nan_policy, skip_nonfinite=skip_nonfinite, on_chunk=on_chunk,
         progress=progress, resume=resume, log_dir=log_dir,
     )  # fmt: skip
+    loggers = _trackers.check(loggers, log_dir)
     mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     optimizer = optimizer if optimizer is not None else optax.sgd(lr)
     total = epochs * (n // accumulate)
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in, model=model,
-        updates=total,
+        updates=total, data=checked,
     )  # fmt: skip
     step = OptaxStep(loss_fn, optimizer, accumulate, has_aux, policy == "skip", model.extended)
-    state = initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh)
+    init = functools.partial(
+        initial_state, params, opt_state, model_state, optimizer, evaluation, eval_data, mesh,
+        param_sharding,
+    )  # fmt: skip
     run = Run(
-        step=step, state=state, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
+        step=step, init=init, params=params, model_state=model_state, data=data,
+        checked=checked, stream=stream, n=n, epochs=epochs,
         key=key, rng=rng, evaluation=evaluation, eval_data=eval_data, log_every=log_every,
         mesh=mesh, policy=policy, output_spec=output_spec, finish=model.finish,
         unroll=unroll, fingerprint={"accumulate": accumulate, "has_aux": has_aux,
@@ -322,10 +407,11 @@ def fit(
     state, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume,
+        resume=resume, compile_cache=cache_dir, loggers=loggers,
     )  # fmt: skip
     _warn_if_all_skipped(policy, total, state)
     result = history.result(state)
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
     return model.finish(_adapters.at_best(result) if restore_best else result)
 
 
@@ -333,7 +419,9 @@ class Run(NamedTuple):
     """What a run of ``fit`` or ``fit_steps`` is, checked: the pieces ``execute`` wires."""
 
     step: Any  # the step factory (_scan.Step): loss + optax, or the user's step
-    state: TrainState  # the initial carry, in fresh buffers (placed on the mesh)
+    init: Callable[[], TrainState]  # the initial carry in fresh buffers, on the mesh
+    params: Any  # the initial params (fit_steps: state), checked
+    model_state: Any  # the initial model state, or None
     data: Any  # the data as given (arrays, memmaps, an iterable), or None
     checked: Any  # the data as _sources.open_data checked it (an iterable's first chunk)
     stream: Any  # an iterable's stream, or None
@@ -350,10 +438,13 @@ class Run(NamedTuple):
     finish: Callable  # TrainResult -> what the user gets (modules, StepsResult)
     unroll: int = 1
     fingerprint: dict | None = None  # more fingerprint entries (settings, eval program)
+    has_loss: bool = True  # a loss to report (fit_steps: a "loss" metric)
 
 
-def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir,
-            checkpoint_every, keep, resume) -> tuple[TrainState, History]:  # fmt: skip
+def execute(
+    run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_dir, checkpoint_every,
+    keep, resume, compile_cache, loggers=None,
+) -> tuple[TrainState, History]:  # fmt: skip
     """Runs ``run`` in compiled chunks with the observers; returns the last carry and the
     history. Shared by ``fit`` and ``fit_steps``: one driver for every form."""
     accumulate = run.step.accumulate
@@ -364,23 +455,25 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
         run.data, run.stream, key=run.key, n=run.n, accumulate=accumulate, mesh=run.mesh,
         track=checkpoint_dir is not None,
     )  # fmt: skip
-    history = _history(*run.output_spec, run.evaluation, run.state, run.eval_data,
-                       run.log_every, total)  # fmt: skip
+    history = _history(*run.output_spec, run.evaluation, run.params, run.model_state,
+                       run.eval_data, run.log_every, total)  # fmt: skip
     program = _driver.Program(
         policy=run.policy, total=total, chunk=chunk, evaluation=run.evaluation,
         eval_data=run.eval_data, log_every=run.log_every, step=run.step, unroll=run.unroll,
         rng=run.rng,
     )  # fmt: skip
-    state = run.state
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_compile_cache.persistent(compile_cache))  # before any compilation
+        state = run.init()
         saver = None
         if checkpoint_dir is not None:
             saver = stack.enter_context(_checkpointer.Checkpointer(
                 _checkpoint_dir.check_path(checkpoint_dir), keep=keep, every=checkpoint_every,
                 per_epoch=per_epoch, source=source, finish=run.finish,
+                donated=run.policy != "raise",
             ))  # fmt: skip
             fingerprint = functools.partial(
-                _checkpointer.fingerprint_of, run.step, state, run.checked, run.stream,
+                _checkpointer.fingerprint_of, run.step, run.checked, run.stream,
                 key=run.key, rng=run.rng, nan_policy=run.policy, log_every=run.log_every,
                 **(run.fingerprint or {}),
             )  # fmt: skip
@@ -388,13 +481,21 @@ def execute(run: Run, *, chunk_steps, progress, on_chunk, log_dir, checkpoint_di
                 fingerprint, state, history, resume=resume, total=total, epochs=run.epochs,
                 mesh=run.mesh,
             )  # fmt: skip
-        observers = _watchers(stack, state, total, progress=progress, log_dir=log_dir,
-                              on_chunk=on_chunk)  # fmt: skip
+        observers = _watchers(
+            stack, state, total, progress=progress, log_dir=log_dir, on_chunk=on_chunk,
+            run=saver.fingerprint if saver else None, loss=run.has_loss,
+        )  # fmt: skip
+        observers += [saver] if saver else []
+        start = int(_driver._host(state.step))
+        observers += _trackers.enter(stack, loggers, log_dir, start, saver, loss=run.has_loss)
+        # Last: it raises Preempted after every other observer has seen the chunk.
+        observers.append(stack.enter_context(_preempt.Preemption(checkpoint_dir)))
+        first = [state]  # handed over, not kept here: the first carry dies after chunk 1
+        del state
         try:
             state = _driver.drive(
-                program, source, state, history, [*observers, *([saver] if saver else [])],
-                per_epoch=per_epoch,
-            )  # fmt: skip
+                program, source, first.pop(), history, observers, per_epoch=per_epoch
+            )
         except (_driver.Diverged, _sources.DataExhausted) as err:
             raise _run_error(err, history, run.finish, checkpoint_dir, accumulate) from None
     return state, history
@@ -410,32 +511,45 @@ def on_mesh(mesh, devices, data, eval_data):
     return mesh, eval_data
 
 
-def _watchers(stack, state, total, *, progress, log_dir, on_chunk) -> list:
-    """The observers besides the checkpointer, entered in ``stack``: they close with it."""
+def _watchers(stack, state, total, *, progress, log_dir, on_chunk, run=None, loss=True) -> list:
+    """The observers besides the checkpointer, entered in ``stack``: they close with it.
+    ``run``: the checkpoint fingerprint, which names the run in the metrics log; ``loss``:
+    whether the run has a loss to report."""
     start = int(_driver._host(state.step))
-    observers = [stack.enter_context(_observers.ProgressBar(total, start, progress))]
+    observers = [stack.enter_context(_observers.ProgressBar(total, start, progress, loss))]
     if log_dir is not None:
-        observers.append(stack.enter_context(_observers.MetricsLogger(log_dir, start)))
+        logger = _observers.MetricsLogger(log_dir, start, run, loss)
+        observers.append(stack.enter_context(logger))
     if on_chunk is not None:
         observers.append(_observers.Callback(on_chunk))
     return observers
 
 
-def initial_state(params, opt_state, model_state, optimizer, evaluation, eval_data, mesh):
-    """The first carry: fresh buffers, the evaluation bookkeeping, replicated over a mesh."""
-    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer)
+def initial_state(
+    params, opt_state, model_state, optimizer, evaluation, eval_data, mesh, param_sharding=None
+):
+    """The first carry: fresh buffers, the evaluation bookkeeping, on the mesh: sharded
+    params (as given or by ``param_sharding``) with their optimizer state in the same
+    shards, everything else replicated."""
+    params, shardings = _sharding.carry(
+        params, opt_state, model_state, optimizer=optimizer, mesh=mesh,
+        param_sharding=param_sharding,
+    )  # fmt: skip
+    state = _fresh_state(params, opt_state, model_state, optimizer=optimizer, shardings=shardings)
     if evaluation is not None:
-        state = state._replace(evaluation=_eval_init(evaluation, params, model_state, eval_data))
-    return state if mesh is None else _parallel.put_replicated(state, mesh)
+        evaluation = _eval_init(evaluation, state.params, state.model_state, eval_data)
+        state = state._replace(evaluation=evaluation)
+    return state if mesh is None else _parallel.put_on_mesh(state, mesh)
 
 
-def _history(loss_spec, aux_spec, evaluation, state, eval_data, log_every, total) -> History:
+def _history(loss_spec, aux_spec, evaluation, params, model_state, eval_data, log_every,
+             total) -> History:  # fmt: skip
     """An empty history of the run: losses (or log-group means), aux, evaluations."""
     every = None if evaluation is None else evaluation.every
     log_dtype = np.result_type(loss_spec.dtype, np.float32) if log_every else loss_spec.dtype
     sizes = (total // (log_every or 1), _eval.layout(0, total, every, total).evaluations)
     empty_aux = jax.tree.map(lambda s: np.zeros((0, *s.shape), s.dtype), aux_spec)
-    empty = _empty_metrics(evaluation, state.params, state.model_state, eval_data)
+    empty = _empty_metrics(evaluation, params, model_state, eval_data)
     return History(np.zeros((0,), log_dtype), empty_aux, evaluation, sizes, empty, log_every, total)
 
 

@@ -8,13 +8,22 @@ user's (``_steps.UserStep``) instead of loss + optax.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from scanfit import _checkpointer, _checks, _sources, _steps
+from scanfit import (
+    _checkpointer,
+    _checks,
+    _compile_cache,
+    _nonfinite,
+    _sources,
+    _steps,
+    _trackers,
+)
 from scanfit._driver import ChunkInfo
 from scanfit._fit import Run, check_fit_settings, execute, initial_state, on_mesh
 from scanfit._loop import TrainResult
@@ -58,6 +67,7 @@ def _checked_data(data, *, steps, epochs, key, unroll, steps_per_epoch):
     return checked, stream, n, _checks.check_key(key), _steps.first_batch(checked)
 
 
+@_checks.integer_settings
 def fit_steps(
     step_fn: Callable,
     state: PyTree,
@@ -86,6 +96,9 @@ def fit_steps(
     mesh: Any = None,
     devices: Any = None,
     steps_per_epoch: int | None = None,
+    compile_cache: str | os.PathLike | None = None,
+    loggers: Any = None,
+    param_sharding: Any = None,
 ) -> StepsResult:
     """Runs ``scan_steps``' loop in compiled chunks, with checkpoints and resume.
 
@@ -98,13 +111,21 @@ def fit_steps(
         ``data`` may also be NumPy arrays and memmaps (streamed a chunk at a
         time) or an iterable of microbatches, as for ``fit``.
       chunk_steps, progress, log_dir, checkpoint_dir, checkpoint_every, keep,
-        resume, mesh, devices, steps_per_epoch: as for ``fit``. Checkpoints
+        resume, mesh, devices, steps_per_epoch, compile_cache, loggers: as for ``fit``
+        (SIGTERM too: the chunk in flight completes and is checkpointed, then
+        ``scanfit.Preempted``). Checkpoints
         hold the whole state (typed and raw PRNG keys, environment states,
         several optimizer states) and the metrics so far; a resumed run
         continues bitwise. The fingerprint covers the step as compiled (what
         it closes over: learning rates, network definitions), the initial
         state, the data and the settings. With ``mesh``/``devices`` the state
         is replicated and each batch's axis 1 sharded over ``"data"``.
+      param_sharding: as for ``fit``, over the whole state: ``"fsdp"`` splits
+        every leaf of at least 1024 elements (params, optimizer moments alike)
+        along its largest dimension the mesh's ``"fsdp"`` (else ``"data"``)
+        axis divides; a pytree of ``PartitionSpec`` matches ``state``; a
+        function gets ``(path, leaf)``. A state placed on the mesh as given
+        keeps its shardings.
       on_chunk: called as ``on_chunk(info)`` after each chunk: ``info.state``
         is the state after it, ``info.aux`` the mean of each metric over the
         chunk; returning ``False`` stops the run cleanly.
@@ -121,7 +142,7 @@ def fit_steps(
     Raises:
       DivergenceError, DataExhaustedError, scanfit.CheckpointMismatchError,
       scanfit.CheckpointLockedError, scanfit.CheckpointWriteError,
-      KeyboardInterrupt: as for ``fit``.
+      KeyboardInterrupt, scanfit.Preempted: as for ``fit``.
       ValueError, TypeError: bad arguments, as for ``scan_steps`` and ``fit``.
 
     Example:
@@ -134,6 +155,7 @@ def fit_steps(
       >>> bool(res.state == ref.state), res.metrics["position"].shape
       (True, (100,))
     """
+    cache_dir = _compile_cache.check_dir(compile_cache)
     checked, stream, n, key, batch = _checked_data(
         data, steps=steps, epochs=epochs, key=key, unroll=unroll, steps_per_epoch=steps_per_epoch
     )
@@ -152,23 +174,30 @@ def fit_steps(
             "nan_policy='skip' is for fit's loss + optax step; in fit_steps a step decides "
             "what skipping means (e.g. optax.apply_if_finite). Pass 'raise' or 'ignore'."
         )
+    loggers = _trackers.check(loggers, log_dir)
     mesh, eval_data = on_mesh(mesh, devices, checked, eval_data)
     evaluation = _steps.eval_spec(
         eval_fn, eval_data, state, eval_every=eval_every, best=best, patience=patience,
-        log_every=log_every, updates=epochs * n,
+        log_every=log_every, updates=epochs * n, train_batch=batch,
     )  # fmt: skip
     loss_spec = jax.eval_shape(_steps._loss_of, metrics_spec)
+    init = functools.partial(
+        initial_state, state, (), None, None, evaluation, eval_data, mesh, param_sharding
+    )
     run = Run(
-        step=_steps.UserStep(step_fn, rng is not None), state=initial_state(
-            state, (), None, None, evaluation, eval_data, mesh),
-        data=data, checked=checked, stream=stream, n=n, epochs=epochs, key=key, rng=rng,
+        step=_steps.UserStep(step_fn, rng is not None), init=init, params=state,
+        model_state=None, data=data, checked=checked, stream=stream, n=n, epochs=epochs,
+        key=key, rng=rng,
         evaluation=evaluation, eval_data=eval_data, log_every=log_every, mesh=mesh,
         policy=policy, output_spec=(loss_spec, metrics_spec), finish=_finish(evaluation),
         unroll=unroll, fingerprint=_checkpointer.eval_entries(evaluation, state, None, eval_data),
+        has_loss="loss" in metrics_spec,
     )  # fmt: skip
     carry, history = execute(
         run, chunk_steps=chunk_steps, progress=progress, on_chunk=on_chunk, log_dir=log_dir,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-        resume=resume,
+        resume=resume, compile_cache=cache_dir, loggers=loggers,
     )  # fmt: skip
-    return run.finish(history.result(carry))
+    result = run.finish(history.result(carry))
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
+    return result

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _adapters, _checks, _eval, _scan, _xla_cpu
+from scanfit import _adapters, _checks, _eval, _nonfinite, _scan, _xla_cpu
 from scanfit._conv import canonical_convs
 from scanfit._scan import PyTree, TrainState, all_finite, init_state
 
@@ -270,12 +270,13 @@ def _scan_train_jit(
 
 def eval_settings(
     eval_fn, eval_data, *, eval_every, best, patience, log_every, params, model_state, model,
-    updates,
+    updates, data=None,
 ) -> _eval.EvalSpec | None:  # fmt: skip
     """Adapts and checks the evaluation and logging arguments before tracing.
 
     ``params`` and ``model_state`` are what the user passed, ``model`` their
-    ``_adapters.Adapted`` form. Returns the static spec, or None without eval_fn.
+    ``_adapters.Adapted`` form; ``data`` the training data (N, ...), if known, to tell
+    one eval batch without its M axis. Returns the static spec, or None without eval_fn.
     """
     fn = _adapters.adapt_eval(eval_fn, params, model_state)
     module = _adapters.is_module(params)
@@ -294,7 +295,7 @@ def eval_settings(
 
     _checks.check_eval_args(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience, form=form,
-        metrics_of=metrics_of,
+        metrics_of=metrics_of, train_batch=None if data is None else _checks._first(data),
     )  # fmt: skip
     _checks.check_log_every(log_every, updates)
     if eval_fn is None:
@@ -303,6 +304,7 @@ def eval_settings(
     return _eval.EvalSpec(fn, model.extended, eval_every or updates, best, patience)
 
 
+@_checks.integer_settings
 def scan_train(
     loss_fn: Callable,
     params: PyTree,
@@ -474,7 +476,7 @@ def scan_train(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state, model=model,
-        updates=epochs * n // accumulate,
+        updates=epochs * n // accumulate, data=data,
     )  # fmt: skip
     _checks.check_stacked_outputs(
         epochs * (n // accumulate) // (log_every or 1), _checks.output_bytes(*loss_spec)
@@ -499,4 +501,5 @@ def scan_train(
         evaluation=evaluation,
         log_every=log_every,
     )
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
     return model.finish(_adapters.at_best(result) if restore_best else result)

@@ -6,6 +6,8 @@ others; returning False from ``on_chunk`` stops the run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,12 @@ from scanfit import _metrics_log, _progress
 
 
 class ProgressBar:
-    """The rich progress bar, moved at chunk boundaries."""
+    """The rich progress bar, moved at chunk boundaries. ``loss``: whether the run has a
+    loss to show (a ``fit_steps`` step may report none)."""
 
-    def __init__(self, total: int, start: int, progress: bool | None):
+    def __init__(self, total: int, start: int, progress: bool | None, loss: bool = True):
         self.bar = _progress.ChunkProgress(total, start, _progress.wanted(progress))
+        self.loss = loss
 
     def __enter__(self) -> ProgressBar:
         self.bar.__enter__()
@@ -30,7 +34,8 @@ class ProgressBar:
         self.bar.__exit__(*exc)
 
     def on_chunk(self, info, state, history) -> None:
-        self.bar.update(info.step, float(np.mean(info.losses)), info.skipped)
+        loss = float(np.mean(info.losses)) if self.loss else None
+        self.bar.update(info.step, loss, info.skipped)
 
     def on_end(self, state, history) -> None:
         pass
@@ -55,16 +60,33 @@ def _name(path) -> str:
     return ".".join(str(k) for k in keys)
 
 
+def _run_name(fingerprint: dict | None) -> str | None:
+    """A digest of the fingerprint, the same for every call of fit that resumes the run
+    (``nan_policy`` left out: ``"raise"`` and ``"ignore"`` may resume each other)."""
+    if fingerprint is None:
+        return None
+    entries = {k: v for k, v in fingerprint.items() if k != "nan_policy"}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 class MetricsLogger:
     """``log_dir/metrics.jsonl`` (and TensorBoard): one record per chunk and per evaluation.
 
     A chunk record holds the chunk's mean loss, the mean of each aux leaf (scalar
     leaves; others as their mean) and the learning rate where the optimizer state
     exposes it (``optax.inject_hyperparams``); an evaluation record, its metrics.
+    Each is on disk before the checkpointer (the last observer) saves the chunk, so
+    a resumed run finds every record up to its checkpoint. ``start``: the update
+    the run starts from (0: a new run; see ``_metrics_log.MetricsLog``);
+    ``fingerprint``: the run's checkpoint fingerprint (None without checkpoints),
+    which names the run that wrote the log; ``loss``: whether the run has a loss (a
+    ``fit_steps`` step may report none: then the record holds its metrics only).
     """
 
-    def __init__(self, log_dir: str | Path, start: int):
-        self.log = _metrics_log.MetricsLog(log_dir, resume_step=start)
+    def __init__(self, log_dir: str | Path, start: int, fingerprint: dict | None = None,
+                 loss: bool = True):  # fmt: skip
+        self.log = _metrics_log.MetricsLog(log_dir, start=start, run=_run_name(fingerprint))
+        self.loss = loss
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -73,18 +95,27 @@ class MetricsLogger:
         self.log.close()
 
     def on_chunk(self, info, state, history) -> None:
-        scalars = {"loss": float(np.nanmean(info.losses)) if len(info.losses) else np.nan}
-        for path, leaf in jax.tree_util.tree_leaves_with_path(info.aux):
-            scalars[_name(path) or "aux"] = float(np.mean(leaf))
-        rate = _metrics_log.learning_rate(info.opt_state)
-        if rate is not None:
-            scalars["learning_rate"] = rate
-        self.log.write(info.step, "chunk", scalars)
-        metrics = info.metrics or {}
-        for i, step in enumerate(np.asarray(metrics.get("step", []))):
-            if step >= 0:  # -1: skipped after an early stop
-                values = {k: v[i] for k, v in metrics.items() if k != "step"}
-                self.log.write(int(step), "eval", values)
+        write_records(self.log.write, info, loss=self.loss)
 
     def on_end(self, state, history) -> None:
         pass
+
+
+def write_records(write: Callable[[int, str, dict[str, Any]], Any], info, loss=True) -> None:
+    """Calls ``write(step, kind, scalars)`` for each metrics-log record of a chunk: one
+    "chunk" record, then one "eval" record per evaluation (the trackers get the same).
+    ``loss``: whether the run has a loss (a ``fit_steps`` step may report none)."""
+    scalars = {}
+    if loss:
+        scalars["loss"] = float(np.nanmean(info.losses)) if len(info.losses) else np.nan
+    for path, leaf in jax.tree_util.tree_leaves_with_path(info.aux):
+        scalars[_name(path) or "aux"] = float(np.mean(leaf))
+    rate = _metrics_log.learning_rate(info.opt_state)
+    if rate is not None:
+        scalars["learning_rate"] = rate
+    write(info.step, "chunk", scalars)
+    metrics = info.metrics or {}
+    for i, step in enumerate(np.asarray(metrics.get("step", []))):
+        if step >= 0:  # -1: skipped after an early stop
+            values = {k: v[i] for k, v in metrics.items() if k != "step"}
+            write(int(step), "eval", values)

@@ -52,7 +52,7 @@ class ChunkProgress:
         if self._enabled:
             self._bar.stop()
 
-    def update(self, step: int, mean_loss: float, skipped: int) -> None:
+    def update(self, step: int, mean_loss: float | None, skipped: int) -> None:
         if not self._enabled:
             return
         rate = (step - self._start_step) / max(time.perf_counter() - self._t0, 1e-9)
@@ -60,6 +60,6 @@ class ChunkProgress:
             self._task,
             completed=step,
             rate=f"{rate:,.0f}",
-            loss=f"{mean_loss:.4g}",
+            loss="-" if mean_loss is None else f"{mean_loss:.4g}",
             skipped=f", {skipped} skipped" if skipped else "",
         )

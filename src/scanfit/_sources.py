@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
-import hashlib
 import itertools
 import json
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from scanfit import _checks, _parallel
+from scanfit import _checks, _parallel, _stream_identity
 from scanfit._errors import CheckpointMismatchError
 from scanfit._scan import epoch_order
 
@@ -172,10 +171,26 @@ def _decode_iterator_state(saved: dict) -> Any:
     return saved["json"]
 
 
+def _is_number_list(node: Any) -> bool:
+    """A (nested) Python list of numbers: a loader that never made arrays."""
+    return isinstance(node, list) and any(
+        isinstance(v, (int, float, complex)) or _is_number_list(v) for v in node
+    )
+
+
 class _Spec:
     """The tree structure, shapes and dtypes every microbatch must have: the first one's."""
 
     def __init__(self, first: PyTree):
+        nested = jax.tree_util.tree_leaves_with_path(first, is_leaf=_is_number_list)
+        for path, leaf in nested:
+            if isinstance(leaf, list):
+                raise TypeError(
+                    f"microbatch 0 of data: {jax.tree_util.keystr(path) or '(root)'} is a "
+                    f"Python list of numbers ({_checks.describe(leaf)}); each leaf of a "
+                    "microbatch must be an array: convert it with np.asarray in the loader "
+                    "(or its collate function)."
+                )
         with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(first)
         leaves = [np.asarray(x) for _, x in with_paths]
         for (path, raw), x in zip(with_paths, leaves):
@@ -185,6 +200,7 @@ class _Spec:
                     f"must be a numeric array, got {_checks.describe(raw)}."
                 )
         self.leaves = [(x.shape, x.dtype) for x in leaves]
+        self.paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
         self.flat_tuple = self.treedef == jax.tree.structure(tuple(range(len(leaves))))
 
     def leaves_of(self, microbatch: PyTree, index: int) -> list[np.ndarray]:
@@ -329,8 +345,8 @@ class StreamSource:
         self.spec = _Spec(self._first)
         self._epoch = 0
         self._pos = 0  # microbatches taken from this epoch's iterator
-        self._digest = b""  # hash chain over this epoch's microbatches
-        self._marks: dict[int, dict] = {}  # chunk end step -> checkpoint_state
+        self._chain = _stream_identity.HashChain(self.per_epoch)  # every microbatch taken
+        self._marks: dict[int, dict | None] = {}  # chunk end step -> the iterator's state
         self._ring: collections.deque = collections.deque(maxlen=3)
 
     def abstract_data(self) -> PyTree:
@@ -340,11 +356,9 @@ class StreamSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the data without reading it: one microbatch's spec and the epoch
         length. Contents are hashed as they stream (``checkpoint_state``)."""
+        leaves = {p: [list(s), str(d)] for p, (s, d) in zip(self.spec.paths, self.spec.leaves)}
         return {
-            "iterable": {
-                "treedef": str(self.spec.treedef),
-                "leaves": [[list(s), str(d)] for s, d in self.spec.leaves],
-            },
+            "microbatch": {"treedef": str(self.spec.treedef), "leaves": leaves},
             "microbatches_per_epoch": self.per_epoch,
         }
 
@@ -378,26 +392,13 @@ class StreamSource:
         self._ring.append(buffers)
         return buffers
 
-    def _hash(self, rows, first: int) -> None:
-        """Chains each microbatch's bytes into the digest of its epoch; ``rows``: the
-        microbatches' leaves, ``first``: the run's index of the first."""
-        for i, leaves in enumerate(rows):
-            if (first + i) % self.per_epoch == 0:
-                self._digest = b""
-            h = hashlib.sha1(self._digest)
-            for x in leaves:
-                h.update(np.ascontiguousarray(x))
-            self._digest = h.digest()
-
     def stack(self, start: int, count: int) -> PyTree:
         """Host arrays of updates [start, start + count), laid out as run_chunk takes them."""
         first = start * self.k  # microbatch index over the whole run, for errors
         leaves = self.spec.stack(self._take(count * self.k), first, self._buffers(count * self.k))
         if self.track:
-            self._hash(zip(*leaves), first)
-            self._marks[start + count] = self._state()
-            for old in sorted(self._marks)[:-4]:  # saves trail the stacking by a chunk or two
-                del self._marks[old]
+            self._chain.extend(zip(*leaves))
+            self._mark(start + count)
         shape = (count, self.k) if self.k > 1 else (count,)
         return self.spec.treedef.unflatten([b.reshape(*shape, *b.shape[1:]) for b in leaves])
 
@@ -422,76 +423,125 @@ class StreamSource:
             self._ahead = key, self._pool.submit(self.stack, *key)
         return chunk
 
-    def _state(self) -> dict[str, Any]:
+    def _mark(self, step: int) -> None:
+        """Keeps the iterator's state after update ``step`` (grain), for a later anchor."""
         get_state = getattr(self._iter, "get_state", None)
-        iterator = None
+        state = None
         if get_state is not None and hasattr(self._iter, "set_state"):
-            iterator = _encode_iterator_state(get_state())
-        return {
-            "epoch": self._epoch,
-            "offset": self._pos,
-            "sha1": self._digest.hex(),
-            "iterator": iterator,
-        }
+            state = _encode_iterator_state(get_state())
+        self._marks[step] = state
+        for old in sorted(self._marks)[:-4]:  # saves trail the stacking by a chunk or two
+            del self._marks[old]
 
-    def checkpoint_state(self, step: int) -> dict[str, Any] | None:
-        """Where the iterable stands after update ``step``: epoch, microbatches taken from
-        it, the hash chain of those microbatches and the iterator's own state (grain)."""
-        if step in self._marks:
-            return self._marks[step]
-        # Mid-chunk (the last good state of a divergence): resume re-reads, unchecked.
+    def _anchor(self, step: int) -> dict[str, Any] | None:
+        """Where a resume may set the iterator's own state and re-read from: the newest
+        chunk end before ``step`` whose iterator state was kept (grain), else None."""
+        for mark in sorted((s for s in list(self._marks) if s < step), reverse=True):
+            state, chain = self._marks.get(mark), self._chain.at(mark * self.k)
+            if state is not None and chain is not None:
+                return {"microbatch": mark * self.k, "sha1": chain.hex(), "iterator": state}
+        return None
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        """Where the iterable stands after update ``step``: its epoch and offset in it, the
+        hash chain of every microbatch taken (``_stream_identity``) and, for an iterator
+        with its own state (grain), the anchor a resume re-reads from."""
         epoch, offset = divmod(step * self.k, self.per_epoch)
-        return {"epoch": epoch, "offset": offset, "sha1": None, "iterator": None}
+        chain = self._chain.saved(step * self.k) or {"sha1": None, "epochs": None}
+        return {"epoch": epoch, "offset": offset, **chain, "anchor": self._anchor(step)}
 
     def restore(self, saved: dict[str, Any] | None, step: int) -> None:
-        """Continues after update ``step`` of the checkpointed run: sets the iterator's saved
-        state (grain), else re-reads the epoch's first microbatches, checking their hash.
+        """Continues after update ``step`` of the checkpointed run, re-reading the data up
+        to there and checking its hash chain: from the start, or from the anchor's
+        iterator state (grain). See ``_stream_identity``.
 
         Raises:
-          CheckpointMismatchError: the microbatches re-read differ from the run's.
+          CheckpointMismatchError: the microbatches re-read differ from the run's, or the
+            checkpoint holds no hash to check them against.
         """
-        epoch, offset = divmod(step * self.k, self.per_epoch)
-        if step == 0 or (self.one_shot and epoch > 0):
-            return  # nothing taken, or a one-shot run already complete
+        if step == 0:
+            return
+        if not saved or saved.get("sha1") is None or saved.get("epochs") is None:
+            raise CheckpointMismatchError(
+                f"the checkpoint at update {step} holds no hash of the microbatches its run "
+                "took from the iterable (it was written by an older scanfit), so this data "
+                "cannot be checked against it. Use another checkpoint_dir, or resume=False "
+                "to start afresh."
+            )
+        start = self._seek(saved, step)
+        end = step * self.k
+        try:
+            for done in range(start, end, 1024):  # in blocks: memory stays small
+                block = self._take(min(1024, end - done))
+                self._chain.extend(zip(*self.spec.stack(block, done)))
+        except DataExhausted as err:
+            took = min(self.per_epoch, end - err.epoch * self.per_epoch)
+            raise CheckpointMismatchError(
+                f"data gave {err.got} microbatches in epoch {err.epoch}, fewer than the {took} "
+                f"that the checkpoint's run took there before update {step}: it is other data."
+            ) from None
+        if self._chain.digest.hex() != saved["sha1"]:
+            raise CheckpointMismatchError(self._differs(saved, start, step))
+        if self.track:
+            self._mark(step)
+
+    def _seek(self, saved: dict[str, Any], step: int) -> int:
+        """Sets a fresh iterator where the re-reading starts; returns that microbatch index:
+        the anchor's (its iterator state set), or 0."""
         if not self.one_shot:  # the peeked iterator was epoch 0's
             self._iter, self._first = iter(self.batches), None
-        self._epoch, self._pos = epoch, 0
-        if offset == 0:
-            return
-        state = (saved or {}).get("iterator")
-        if state is not None and hasattr(self._iter, "set_state"):
-            self._first = None
+        self._epoch, self._pos = 0, 0
+        self._chain = _stream_identity.HashChain(self.per_epoch)
+        anchor = saved.get("anchor")
+        if anchor is None or not hasattr(self._iter, "set_state"):
+            return 0
+        epoch, offset = divmod(anchor["microbatch"], self.per_epoch)
+        if offset:  # at an epoch's start a fresh iterator is the state
             try:
-                self._iter.set_state(_decode_iterator_state(state))
+                self._iter.set_state(_decode_iterator_state(anchor["iterator"]))
             except ValueError as err:  # grain: another data source or sampler (their repr)
-                raise CheckpointMismatchError(
-                    f"the data iterator refused the state saved at update {step}: {err} "
-                    "Use another checkpoint_dir, or resume=False to start afresh."
-                ) from err
-            self._pos, self._digest = offset, bytes.fromhex(saved["sha1"] or "")
-        else:
-            self._fast_forward(offset, saved, step)
-        if saved is not None:
-            self._marks[step] = {**saved, "sha1": self._digest.hex()}
+                if self.one_shot:  # cannot start it again: nothing to re-read from
+                    raise CheckpointMismatchError(
+                        f"the data iterator refused the state saved at update {step}: {err} "
+                        "Pass the loader itself (re-iterable) to check its data from the "
+                        "start, another checkpoint_dir, or resume=False to start afresh."
+                    ) from err
+                self._iter = iter(self.batches)  # re-read all of it: the data decide
+                return 0
+            self._first = None
+        self._epoch, self._pos = epoch, offset
+        self._chain = _stream_identity.HashChain(
+            self.per_epoch, bytes.fromhex(anchor["sha1"]), anchor["microbatch"],
+            saved["epochs"][:epoch],
+        )  # fmt: skip
+        return anchor["microbatch"]
 
-    def _fast_forward(self, offset: int, saved: dict[str, Any] | None, step: int) -> None:
-        first = self._epoch * self.per_epoch
-        try:
-            for done in range(0, offset, 1024):  # in blocks: memory stays small
-                block = self._take(min(1024, offset - done))
-                self._hash(zip(*self.spec.stack(block, first + done)), first + done)
-        except DataExhausted as err:
-            raise CheckpointMismatchError(
-                f"data gave {err.got} microbatches in epoch {err.epoch}, fewer than the {offset} "
-                f"that the checkpoint's run took before update {step}: it is other data."
-            ) from None
-        if saved is not None and saved.get("sha1") not in (None, self._digest.hex()):
-            raise CheckpointMismatchError(
-                f"data differs from the checkpoint's run: the {offset} microbatches of epoch "
-                f"{self._epoch} before update {step} hash to sha1 {self._digest.hex()}, the "
-                f"checkpoint's to {saved.get('sha1')}. Use another checkpoint_dir, or "
-                "resume=False to start afresh."
+    def _differs(self, saved: dict[str, Any], start: int, step: int) -> str:
+        """The message of a hash chain that differs: which microbatches, which epoch."""
+        end, per_epoch = step * self.k, self.per_epoch
+        epoch = _stream_identity.first_difference(saved["epochs"], self._chain.epochs)
+        if start > 0:
+            where = (
+                f"the {end - start} microbatches {start}..{end - 1} of the run, re-read from "
+                "the state the data iterator had there,"
             )
+        elif epoch is not None:
+            where = (
+                f"re-read from its start, epoch {epoch} (microbatches {epoch * per_epoch}.."
+                f"{(epoch + 1) * per_epoch - 1} of the run)"
+            )
+        else:
+            epoch = end // per_epoch
+            where = (
+                f"re-read from its start, the {end - epoch * per_epoch} microbatches of epoch "
+                f"{epoch} before update {step}"
+            )
+        return (
+            f"data differs from the checkpoint's run: {where} hash to sha1 "
+            f"{self._chain.digest.hex()[:12]}..., the checkpoint's run's to "
+            f"{saved['sha1'][:12]}... (its microbatches, their order, or the epoch length "
+            "changed). Use another checkpoint_dir, or resume=False to start afresh."
+        )
 
     def close(self) -> None:
         """Stops the producer thread, if any (after the chunk it is stacking)."""

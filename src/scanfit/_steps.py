@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from scanfit import _checks, _eval, _scan, _xla_cpu
+from scanfit import _checks, _eval, _nonfinite, _scan, _xla_cpu
 from scanfit._checks import describe
 from scanfit._conv import canonical_convs
 from scanfit._scan import PyTree, TrainState, init_state
@@ -184,8 +184,10 @@ def _check_step(step_fn, state, batch_spec, rng) -> Any:
     return metrics
 
 
-def eval_spec(eval_fn, eval_data, state, *, eval_every, best, patience, log_every, updates):
-    """Checks the evaluation arguments of the step form; the static spec or None."""
+def eval_spec(eval_fn, eval_data, state, *, eval_every, best, patience, log_every, updates,
+              train_batch=None):  # fmt: skip
+    """Checks the evaluation arguments of the step form; the static spec or None.
+    ``train_batch``: one training microbatch's shapes (None without data)."""
     form = "eval_fn(state, batch)" if eval_data is not None else "eval_fn(state, None)"
 
     def metrics_of(batch):
@@ -193,7 +195,7 @@ def eval_spec(eval_fn, eval_data, state, *, eval_every, best, patience, log_ever
 
     _checks.check_eval_args(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience, form=form,
-        metrics_of=metrics_of, data_optional=True,
+        metrics_of=metrics_of, data_optional=True, train_batch=train_batch,
     )  # fmt: skip
     _checks.check_log_every(log_every, updates)
     if eval_fn is None:
@@ -224,6 +226,7 @@ _STATIC = ("step", "epochs", "steps", "unroll", "evaluation", "log_every")
 _run_jit = _xla_cpu.jit(canonical_convs(run), static_argnames=_STATIC)
 
 
+@_checks.integer_settings
 def scan_steps(
     step_fn: Callable,
     state: PyTree,
@@ -314,9 +317,11 @@ def scan_steps(
     updates = steps_n if data is None else epochs * n
     evaluation = eval_spec(
         eval_fn, eval_data, state, eval_every=eval_every, best=best, patience=patience,
-        log_every=log_every, updates=updates,
+        log_every=log_every, updates=updates, train_batch=batch,
     )  # fmt: skip
-    return _run_jit(
+    result = _run_jit(
         UserStep(step_fn, rng is not None), state, data, key, rng, eval_data, epochs=epochs,
         steps=steps_n, unroll=unroll, evaluation=evaluation, log_every=log_every,
     )  # fmt: skip
+    _nonfinite.warn_nonfinite_metrics(result, stacklevel=4)
+    return result

@@ -118,6 +118,7 @@ def _sweep_jit(
     return jax.vmap(one)(hparams, seeds, rngs)
 
 
+@_checks.integer_settings
 def sweep(
     loss_fn: Callable,
     params: PyTree | Callable[[jax.Array], PyTree],
@@ -208,17 +209,9 @@ def sweep(
             "make_optimizer must be callable as make_optimizer(**hparams) -> optax optimizer, "
             f"got {describe(make_optimizer)}."
         )
-    init = params if callable(params) and not _adapters.is_module(params) else None
-    if init is not None and seeds is None:
-        raise ValueError(
-            "params is an init function: pass seeds=[...] (one per config) to give "
-            "each config its init key."
-        )
     hp = {n: np.asarray(v) for n, v in hparams.items()}
     seeds = None if seeds is None else np.asarray(seeds)
-    example_params = params
-    if init is not None:  # what init returns, as zeros of its shapes: a module is adapted
-        example_params, init = _adapters.init_example(init, jax.random.key(seeds[0]))
+    init, example_params = _init_of(params, seeds)
     params_in, model_state_in = example_params, model_state
     model = _adapters.adapt(
         loss_fn, example_params, model_state=_checks.check_model_state(model_state), rng=rng,
@@ -228,13 +221,7 @@ def sweep(
     reseed = None
     if seeds is not None and _adapters._module_of("nnx", params):
         reseed = _adapters.reseed_nnx
-    _checks.check_key(rng, "rng")
-    if rng is None:
-        rngs = None
-    elif seeds is None:
-        rngs = jax.vmap(lambda _: rng)(np.arange(len(next(iter(hp.values())))))
-    else:
-        rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.asarray(seeds))
+    rngs = _config_rngs(rng, seeds, configs)
     # Check one config as scan_train would, on abstract values: errors come before tracing.
     first = {n: v[0] for n, v in hp.items()}
     example_opt = make_optimizer(**first)
@@ -267,7 +254,7 @@ def sweep(
     evaluation = eval_settings(
         eval_fn, eval_data, eval_every=eval_every, best=best, patience=patience,
         log_every=log_every, params=params_in, model_state=model_state_in,
-        model=model, updates=epochs * n // accumulate,
+        model=model, updates=epochs * n // accumulate, data=data,
     )  # fmt: skip
     params = None if init is not None else _checks.check_params(example_params)
     result = _sweep_jit(
@@ -295,6 +282,31 @@ def sweep(
         reseed=reseed,
     )
     return model.finish(result)
+
+
+def _init_of(params, seeds) -> tuple[Callable | None, PyTree]:
+    """``(init, example params)``: ``params`` may be an ``init(key)`` function (then seeds
+    are required; the example is what it returns, a module adapted) or the params."""
+    init = params if callable(params) and not _adapters.is_module(params) else None
+    if init is None:
+        return None, params
+    if seeds is None:
+        raise ValueError(
+            "params is an init function: pass seeds=[...] (one per config) to give "
+            "each config its init key."
+        )
+    example, init = _adapters.init_example(init, jax.random.key(seeds[0]))
+    return init, example
+
+
+def _config_rngs(rng, seeds, configs: int):
+    """Each config's rng: ``rng`` itself, or ``fold_in(rng, seeds[i])``; None without."""
+    _checks.check_key(rng, "rng")
+    if rng is None:
+        return None
+    if seeds is None:
+        return jax.vmap(lambda _: rng)(np.arange(configs))
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.asarray(seeds))
 
 
 def rank(
