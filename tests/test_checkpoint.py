@@ -688,3 +688,14 @@ def test_two_processes_resume_from_process_0s_checkpoints(tmp_path):
     with np.load(tmp_path / "result.npz") as f:
         for k in first:
             np.testing.assert_array_equal(f[k], first[k])
+
+
+def test_sharded_digest_of_static_functions_ignores_their_addresses():
+    from scanfit import _sharding
+
+    def make(scale):
+        return lambda x: scale * x
+
+    a = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    b = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    assert _sharding.digest(a) == _sharding.digest(b)
