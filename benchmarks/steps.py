@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
-from _common import RESULTS_DIR, describe_machine, machine, write_json
+from _common import RESULTS_DIR, alternated_medians, describe_machine, machine, write_json
 
 import scanfit
 
@@ -89,19 +87,6 @@ def variants(ex, config: dict, chunk: int, tmp: Path, quick: bool) -> dict:
     return fns
 
 
-def measure(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each function, alternated rep by rep, after one warm-up each."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def report(secs: dict, n: int, timesteps: float) -> dict:
     """Speeds against the references (higher is faster) and whether each goal is met."""
     ref = secs["jit_train"]
@@ -151,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
           f"fit_steps chunks of {cfg['chunk']} with a checkpoint each, "
           f"median of {cfg['reps']}, alternated")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="scanfit-bench-steps-") as tmp:
-        secs = measure(variants(ex, config, cfg["chunk"], Path(tmp), args.quick), cfg["reps"])
+        secs = alternated_medians(
+            variants(ex, config, cfg["chunk"], Path(tmp), args.quick), cfg["reps"]
+        )
     figures = report(secs, n, cfg["timesteps"])
     payload = {
         "benchmark": "steps",
