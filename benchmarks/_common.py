@@ -41,6 +41,24 @@ def time_it(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float
     return statistics.median(times), out
 
 
+def alternated_medians(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, alternated rep by rep, after one warm-up each.
+
+    Alternating spreads the machine's other work over every variant alike.
+    """
+    import jax
+
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

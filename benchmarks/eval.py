@@ -22,16 +22,14 @@ median of several runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import RESULTS_DIR, describe_machine, machine, write_json
+from _common import RESULTS_DIR, alternated_medians, describe_machine, machine, write_json
 
 import scanfit
 from scanfit import _eval
@@ -111,19 +109,6 @@ def variants(updates: int):
     }
 
 
-def measure(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each function, alternated rep by rep, after one warm-up each."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def check_stop(updates: int) -> int:
     """The stopping variant really stops at T/3 (else the timing means nothing)."""
     params, data, held_out = workload(updates)
@@ -145,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     t_updates = cfg["updates"]
     stopped_at = check_stop(t_updates)
     assert stopped_at == t_updates // 3, stopped_at
-    secs = measure(variants(t_updates), cfg["reps"])
+    secs = alternated_medians(variants(t_updates), cfg["reps"])
     stop_ratio = secs["eval_stop_at_third"] / secs["eval_every_100"]
     extra = (secs["eval_every_100"] - secs["no_eval"] - secs["evals_alone"]) / secs["no_eval"]
     print(f"  64-64-10 MLP, adam, batch 32, {t_updates} updates, held-out {M} microbatches, "

@@ -23,6 +23,7 @@ SUITES = [
     "operations",
     "restart",
     "sharding",
+    "steps",
 ]
 
 

@@ -20,7 +20,7 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     suites = ("seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv")
-    suites += ("eval", "operations", "restart", "sharding")
+    suites += ("eval", "operations", "restart", "sharding", "steps")
     for suite in suites:
         assert f"===== {suite}: ok" in proc.stdout
         payload = json.loads((tmp_path / f"{suite}.json").read_text())
@@ -36,3 +36,5 @@ def test_quick_benchmarks_run_and_write_results(tmp_path):
     assert set(operations["checkpoint_every_chunk_ratio"]) == {"raise", "skip"}
     sharding = json.loads((tmp_path / "sharding.json").read_text())
     assert sharding["fsdp_bytes_ratio"] <= 1.1 / sharding["config"]["devices"]
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert "skipped" in steps or steps["speed"]["fit_steps"] > 0  # skipped without gymnax

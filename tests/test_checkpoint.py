@@ -193,6 +193,19 @@ def test_program_digest_ignores_function_names():
     assert _fingerprint.program_digest(texts[0]) == _fingerprint.program_digest(texts[1])
 
 
+def test_tree_digest_of_static_functions_ignores_their_addresses():
+    # As in flax's TrainState (tx, apply_fn): functions in the static part of a pytree.
+    def make(scale):
+        return lambda x: scale * x  # a new function object each time
+
+    a = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    b = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    assert str(jax.tree.structure(a)) != str(jax.tree.structure(b))  # "at 0x..." differs
+    assert _fingerprint.tree_digest(a) == _fingerprint.tree_digest(b)
+    other = jax.tree_util.Partial(mse, jnp.ones(3))
+    assert _fingerprint.tree_digest(a)["treedef"] != _fingerprint.tree_digest(other)["treedef"]
+
+
 _DIGEST_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -675,3 +688,14 @@ def test_two_processes_resume_from_process_0s_checkpoints(tmp_path):
     with np.load(tmp_path / "result.npz") as f:
         for k in first:
             np.testing.assert_array_equal(f[k], first[k])
+
+
+def test_sharded_digest_of_static_functions_ignores_their_addresses():
+    from scanfit import _sharding
+
+    def make(scale):
+        return lambda x: scale * x
+
+    a = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    b = jax.tree_util.Partial(make(2.0), jnp.ones(3))
+    assert _sharding.digest(a) == _sharding.digest(b)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from scanfit import _eval, _parallel, _sources
+from scanfit import _eval, _parallel, _sources, _xla_cpu
 from scanfit._conv import canonical_convs
 from scanfit._loop import TrainResult, result_of
 from scanfit._scan import PyTree, TrainState, finite_per_update, run_chunk
@@ -28,13 +28,13 @@ from scanfit._sharding import Shardings, keeping_shardings
 
 _STATIC = ("step", "unroll")  # step: the step factory (_scan.Step), static
 # After a divergence: one re-run of the chunk that flags each update, to find the first bad one.
-_finite_per_update = jax.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
+_finite_per_update = _xla_cpu.jit(canonical_convs(finite_per_update), static_argnames=_STATIC)
 _CHUNK_STATIC = (*_STATIC, "evaluation", "layout", "log_every", "shardings")
 _run_chunk = keeping_shardings(run_chunk)  # a sharded carry stays in its shardings
-_chunk = jax.jit(canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC)
+_chunk = _xla_cpu.jit(canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC)
 # Donating the carry lets XLA reuse the params' buffers. With nan_policy="raise"
 # the chunk's start state is kept instead, to rebuild the last good state.
-_chunk_donating = jax.jit(
+_chunk_donating = _xla_cpu.jit(
     canonical_convs(_run_chunk), static_argnames=_CHUNK_STATIC, donate_argnames=("state",)
 )
 

@@ -90,7 +90,17 @@ def tree_digest(tree: Any) -> dict[str, Any]:
         leaves[jax.tree_util.keystr(path)] = spec
         h.update(repr(spec).encode())
         _hash_bytes(h, leaf)
-    return {"treedef": str(jax.tree.structure(tree)), "leaves": leaves, "sha256": h.hexdigest()}
+    return {"treedef": treedef_text(tree), "leaves": leaves, "sha256": h.hexdigest()}
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def treedef_text(tree: Any) -> str:
+    """The pytree's structure as text, without the memory addresses in the reprs of its
+    static fields (flax's ``TrainState`` holds ``tx`` and ``apply_fn``: functions
+    whose addresses differ in every process, so a resumed run would never match)."""
+    return _ADDRESS.sub("", str(jax.tree.structure(tree)))
 
 
 def _hash_bytes(h, a: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from scanfit import _adapters, _checks, _eval, _nonfinite, _scan
+from scanfit import _adapters, _checks, _eval, _nonfinite, _scan, _xla_cpu
 from scanfit._conv import canonical_convs
 from scanfit._scan import PyTree, TrainState, all_finite, init_state
 
@@ -256,7 +256,7 @@ _STATIC = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(_xla_cpu.jit, static_argnames=_STATIC)
 @canonical_convs  # the jit's body, so that convs inside the scan run Eigen's kernel on CPU
 def _scan_train_jit(
     loss_fn, params, optimizer, lr, data, opt_state, key, model_state, rng, eval_data=None, **kw

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scanfit._checks import describe
+from scanfit._fingerprint import treedef_text
 
 PyTree = Any
 DATA = "data"
@@ -399,7 +400,7 @@ def digest(tree: PyTree) -> dict[str, Any]:
     for spec, lanes in zip(paths, _host_digests(arrays)):
         h.update(spec.encode())
         h.update(np.asarray(lanes, np.uint32).tobytes())
-    return {"treedef": str(jax.tree.structure(tree)), "leaves": leaves, "digest": h.hexdigest()}
+    return {"treedef": treedef_text(tree), "leaves": leaves, "digest": h.hexdigest()}
 
 
 def _host_digests(arrays: list) -> list[np.ndarray]:

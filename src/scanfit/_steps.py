@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from scanfit import _checks, _eval, _nonfinite, _scan
+from scanfit import _checks, _eval, _nonfinite, _scan, _xla_cpu
 from scanfit._checks import describe
 from scanfit._conv import canonical_convs
 from scanfit._scan import PyTree, TrainState, init_state
@@ -223,7 +223,7 @@ def run(step: UserStep, state, data, key, rng, eval_data, *, epochs, steps, unro
 
 
 _STATIC = ("step", "epochs", "steps", "unroll", "evaluation", "log_every")
-_run_jit = jax.jit(canonical_convs(run), static_argnames=_STATIC)
+_run_jit = _xla_cpu.jit(canonical_convs(run), static_argnames=_STATIC)
 
 
 @_checks.integer_settings

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from scanfit import _adapters, _checks
+from scanfit import _adapters, _checks, _xla_cpu
 from scanfit._checks import describe
 from scanfit._conv import canonical_convs
 from scanfit._loop import PyTree, TrainResult, eval_settings, train
@@ -80,7 +80,7 @@ _STATIC = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(_xla_cpu.jit, static_argnames=_STATIC)
 @canonical_convs  # around the vmap: it sees the batched convs vmap makes
 def _sweep_jit(
     loss_fn,
