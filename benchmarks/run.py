@@ -30,11 +30,12 @@ SUITES = [
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="passed on to every suite")
+    p.add_argument("--suites", nargs="+", choices=SUITES, default=SUITES, help="run only these")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # suites import _common by name
 
     failed = []
-    for name in SUITES:
+    for name in args.suites:
         print(f"===== {name} =====", flush=True)
         t0 = time.perf_counter()
         rc = importlib.import_module(name).main(["--quick"] if args.quick else [])

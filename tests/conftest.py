@@ -33,3 +33,12 @@ def compilations():
     """A callable returning the number of XLA compilations since the test started."""
     start = _compilations[0]
     return lambda: _compilations[0] - start
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Each test module starts with JAX's caches cleared: executables compiled for earlier
+    modules are freed instead of piling up in the one test process (a full run of the
+    suite compiles thousands of programs)."""
+    jax.clear_caches()
+    yield

@@ -10,15 +10,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+# The cheap quick suites, run in CI; `make test-all` runs every one (about 2 minutes).
+CHEAP = ("seed", "lowering", "eval")
 
 
-def test_quick_benchmarks_run_and_write_results(tmp_path):
+def _run(tmp_path, *suites):
     env = {**os.environ, "SCANFIT_BENCH_RESULTS": str(tmp_path)}
+    only = ["--suites", *suites] if suites else []
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=600, env=env
-    )
+        [sys.executable, str(RUN), "--quick", *only], capture_output=True, text=True,
+        timeout=600, env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_cheap_quick_benchmarks_run_and_every_suite_imports(tmp_path):
+    proc = _run(tmp_path, *CHEAP)
+    for suite in CHEAP:
+        assert f"===== {suite}: ok" in proc.stdout
+        assert json.loads((tmp_path / f"{suite}.json").read_text())
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import run
+
+        for suite in run.SUITES:  # every suite at least imports (no syntax or import rot)
+            assert callable(__import__(suite).main)
+    finally:
+        sys.path.remove(str(RUN.parent))
+
+
+@pytest.mark.slow
+def test_quick_benchmarks_run_and_write_results(tmp_path):
+    proc = _run(tmp_path)
     suites = ("seed", "lowering", "loop", "fit", "sources", "sweep", "models", "peers", "conv")
     suites += ("eval", "operations", "restart", "sharding", "steps")
     for suite in suites:

@@ -673,6 +673,7 @@ def _two_processes(out: Path) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow  # the fast sample of two processes: tests/test_parallel.py
 def test_two_processes_resume_from_process_0s_checkpoints(tmp_path):
     # Each process fingerprints its own share of the data; the digest combines all shares,
     # so process 1 agrees with the checkpoint process 0 wrote (else it would raise alone,

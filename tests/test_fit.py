@@ -415,7 +415,11 @@ def _uninterrupted(tmp_path, variant=""):
     )
 
 
-@pytest.mark.parametrize("variant", ["", "stateful", "evaluated"])
+@pytest.mark.parametrize(
+    "variant",
+    ["", pytest.param("stateful", marks=pytest.mark.slow),
+     pytest.param("evaluated", marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, variant):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     extra = [f"--{variant}"] if variant else []
@@ -438,6 +442,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, variant):
             assert int(got["stopped_at"]) == int(want.stopped_at)
 
 
+@pytest.mark.slow  # the fast sample: tests/test_saves.py kills one save
 def test_sigkill_during_a_save_then_resume_equals_uninterrupted(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     proc = _run_worker(ckpt, out, "--kill-in-save", "3")

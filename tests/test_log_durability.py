@@ -79,7 +79,8 @@ def test_a_kill_mid_append_then_resume_equals_the_uninterrupted_log(tmp_path, re
     log, ckpt = tmp_path / "log", tmp_path / "ckpt"
     assert _run(log, ckpt, "--tear-at", 20) == -signal.SIGKILL
     assert not (log / "metrics.jsonl").read_text().endswith("\n")  # torn mid-line
-    assert max(s for s, _ in _checkpoint.list_checkpoints(ckpt)) == 16
+    # 16 once its save (on a host thread) landed before the kill; else the one before
+    assert max(s for s, _ in _checkpoint.list_checkpoints(ckpt)) in (8, 16)
     with pytest.warns(RuntimeWarning, match=r"metrics.jsonl': its last line is torn"):
         _log_worker.train(log, ckpt)
     assert_same_log(log, reference)

@@ -288,6 +288,7 @@ def test_sigterm_at_a_random_moment_then_a_new_process_resumes_bitwise(tmp_path)
     assert new_process_trial(tmp_path, rng) is not None
 
 
+@pytest.mark.slow
 def test_repeated_sigterms_each_resumed_end_bitwise_equal(tmp_path):
     assert len(repeated_trial(tmp_path, random.Random(), 2)) == 2
 

@@ -438,6 +438,7 @@ def _sigkill_then_resume(tmp_path, kind):
         np.testing.assert_array_equal(got["w"], want.params["w"])
 
 
+@pytest.mark.slow  # resume of a re-iterable, without the kill, is tested fast above
 def test_sigkill_then_resume_of_a_reiterable_equals_uninterrupted(tmp_path):
     _sigkill_then_resume(tmp_path, "plain")
 

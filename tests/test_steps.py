@@ -433,8 +433,14 @@ def test_fit_steps_fsdp_shards_the_whole_state_and_equals_one_device(x64):
     per_device = []
 
     def bytes_on_device0(info):
-        per_device.append(sum(s.data.nbytes for a in jax.tree.leaves(info.state)
-                              for s in a.addressable_shards if s.device == jax.devices()[0]))
+        per_device.append(
+            sum(
+                s.data.nbytes
+                for a in jax.tree.leaves(info.state)
+                for s in a.addressable_shards
+                if s.device == jax.devices()[0]
+            )
+        )
 
     sharded = scanfit.fit_steps(step, state, (x, y), epochs=2, chunk_steps=4, devices=4,
                                 param_sharding="fsdp", on_chunk=bytes_on_device0)  # fmt: skip
