@@ -330,7 +330,7 @@ def _two_processes(out, stop_at: int) -> None:
     import sys
     from pathlib import Path
 
-    from test_parallel import _free_port
+    from test_parallel import _free_port, _wait
 
     port = _free_port()
     worker = Path(__file__).parent / "_shard_worker.py"
@@ -343,17 +343,8 @@ def _two_processes(out, stop_at: int) -> None:
         )  # fmt: skip
         for pid in (0, 1)
     ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
+    for code, text in _wait(procs):
+        assert code == 0, text[-3000:]
 
 
 @pytest.mark.slow

@@ -218,20 +218,32 @@ def _fetcher(trees: PyTree, *, donated: bool):
     buffer it reads (a run of the test suite crashed in XLA once with views of
     donated buffers; a copy costs about 10 ms per 60 MiB). On an accelerator, a
     device copy is dispatched here (one call; it runs before the next chunk, and
-    the host does not wait for it); the thread fetches the copy.
+    the host does not wait for it); the thread fetches the copy. Arrays that span
+    processes are left as they are: each process has written its shards of them
+    already (``_save_local_shards``), and the main file leaves them out.
     """
     leaves, treedef = jax.tree.flatten(trees)
-    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    where = [
+        i
+        for i, x in enumerate(leaves)
+        if isinstance(x, jax.Array) and not _checkpoint.spans_processes(x)
+    ]
     if _on_cpu([leaves[i] for i in where]):
-        host = _host(trees)
-        if donated:
-            host = jax.tree.map(np.array, host)  # np.array copies
+        for i in where:  # np.array copies (a donated buffer); np.asarray is a free view
+            leaves[i] = np.array(leaves[i]) if donated else _host(leaves[i])
+        host = jax.tree.unflatten(treedef, leaves)
         return lambda: host
     if donated and where:
         for i, copy in zip(where, _copy([leaves[i] for i in where]), strict=True):
             leaves[i] = copy
-        trees = jax.tree.unflatten(treedef, leaves)
-    return lambda: _host(trees)
+
+    def fetch():
+        out = list(leaves)
+        for i in where:
+            out[i] = _host(out[i])
+        return jax.tree.unflatten(treedef, out)
+
+    return fetch
 
 
 def _version() -> str:

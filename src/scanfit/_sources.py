@@ -120,15 +120,19 @@ class ArraySource:
         """Nothing held."""
 
 
-class NoDataSource(ArraySource):
+class NoDataSource:
     """No data: a step that makes its own (``fit_steps`` with ``data=None``). Each chunk's
-    input is only its steps' count: ``(None, idx)``, every step getting ``batch=None``."""
+    input is only its steps' count: ``(None, idx)``, every step getting ``batch=None``;
+    like arrays, the step alone says where a resume continues."""
 
-    def __init__(self):
-        self.mesh = None
+    mesh = None
 
     def inputs(self, start: int, count: int):
         return None, jax.device_put(np.arange(start, start + count, dtype=np.int32))
+
+    checkpoint_state = ArraySource.checkpoint_state
+    restore = ArraySource.restore
+    close = ArraySource.close
 
 
 class DataExhausted(Exception):
